@@ -1,0 +1,100 @@
+"""Chunk-by-chunk generation, shared by offline render and the live engine.
+
+A chunk is W video frames (40 ms each). Its audio window spans `lookback` frames before and
+`lookahead` frames after the chunk; the DiT also sees the reference portrait and the last latent frames
+of the previous chunk (motion tokens), so consecutive chunks join without seams.
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.model.audio_encoder import FPS, SAMPLE_RATE, audio_window
+from engine.sampler import DEFAULT_STEPS, sample
+
+
+@dataclass
+class Avatar:
+    """A portrait to animate: the reference frame and its masks."""
+    avatar_id: str
+    rgb: np.ndarray  # uint8 [128, 128, 3]
+    person_mask: np.ndarray  # bool [128, 128]
+    face_mask: np.ndarray  # bool [128, 128]
+
+
+def load_avatar(avatar_id) -> Avatar:
+    """Avatar by procedural identity number ("3", "1000", ...)."""
+    from engine.data import portraits
+    try:
+        ident = int(str(avatar_id).removeprefix("id"))
+    except ValueError:
+        raise ValueError(f"unknown avatar {avatar_id!r}: expected an identity number such as 0..23 or 1000") from None
+    if ident < 0:
+        raise ValueError(f"unknown avatar {avatar_id!r}: identity numbers are >= 0")
+    rgb, person, face = portraits.reference(ident)
+    return Avatar(str(avatar_id), rgb, person, face)
+
+
+class ChunkGenerator:
+    """Generates one chunk of frames at a time for one avatar, carrying motion latents across chunks."""
+
+    def __init__(self, model, avatar: Avatar, steps=DEFAULT_STEPS, seed=0, shift=1.0):
+        self.model, self.avatar, self.steps, self.shift = model, avatar, steps, shift
+        self.cfg = model.cfg
+        self.seed = seed
+        with torch.no_grad():
+            ref = model.ae.to_input(avatar.rgb)[None]
+            self.ref_latent = model.ae.encode(ref)  # [1, C, H, W]
+            self.ref_feats = model.ae.reference(ref)
+        self.face_mask = torch.from_numpy(avatar.face_mask)[None].float()
+        self.person_mask = torch.from_numpy(avatar.person_mask)[None].float()
+        self.timer = {}
+        self.reset()
+
+    def reset(self):
+        """New utterance/session: motion restarts from the reference pose, the noise stream from the seed."""
+        self.motion = self.ref_latent[:, None].repeat(1, self.cfg.motion_frames, 1, 1, 1)
+        self.rng = torch.Generator().manual_seed(self.seed)
+        self.timer = {"dit_ms": 0.0}
+
+    def audio_tokens(self, audio, start_frame):
+        """Audio encoder tokens for the chunk starting at start_frame; audio: float tensor [S] 16 kHz."""
+        cfg = self.cfg
+        win = audio_window(audio, start_frame - cfg.lookback, cfg.audio_frames)
+        return self.model.audio(win[None])
+
+    @torch.no_grad()
+    def chunk(self, audio, start_frame):
+        """Generate frames [start_frame, start_frame + W) -> uint8 [W, 128, 128, 3]."""
+        cfg, model = self.cfg, self.model
+        cond = model.dit.prepare(self.ref_latent, self.motion, self.audio_tokens(audio, start_frame),
+                                 self.face_mask, self.person_mask)
+        shape = (1, cfg.frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        noise = torch.randn(shape, generator=self.rng)
+        z = sample(model.dit, cond, noise, self.steps, self.shift, timer=self.timer)
+        self.motion = z[:, -cfg.motion_frames:]
+        return model.ae.to_uint8(model.ae.decode(z[0], self.ref_feats))
+
+
+def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=False):
+    """Audio (float32 16 kHz mono) -> (frames uint8 [T,128,128,3], stats dict), T = ceil(audio_s * 25)."""
+    t_start = time.perf_counter()
+    audio_t = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    audio_s = len(audio) / SAMPLE_RATE
+    total = max(1, math.ceil(audio_s * FPS))
+    gen = ChunkGenerator(model, avatar, steps=steps, seed=seed)
+    w = model.cfg.frames
+    chunks = math.ceil(total / w)
+    it = range(chunks)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="render", unit="chunk")
+    frames = [gen.chunk(audio_t, c * w) for c in it]
+    frames = np.concatenate(frames)[:total]
+    total_ms = (time.perf_counter() - t_start) * 1000
+    stats = {"frames": int(total), "chunks": chunks, "audio_s": round(audio_s, 4), "steps": steps,
+             "dit_ms": round(gen.timer["dit_ms"], 1), "total_ms": round(total_ms, 1),
+             "rtf": round(total_ms / 1000 / audio_s, 4) if audio_s > 0 else None}
+    return frames, stats

@@ -1,0 +1,134 @@
+"""Frame autoencoder: 128x128 RGB <-> 16x8x8 latent, decoder conditioned on the reference portrait.
+
+The decoder sees multi-scale features of the avatar's reference portrait (computed once per avatar),
+so the latent only has to carry what changes from frame to frame (pose, mouth, eyes) and the static
+identity and background are restored at full detail.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class AEConfig:
+    image_size: int = 128
+    latent_channels: int = 16
+    widths: tuple = (16, 32, 64, 128, 128)  # at 128, 64, 32, 16, 8 px
+
+
+def _norm(c):
+    return nn.GroupNorm(8, c)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with GroupNorm/SiLU and a skip."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1 = _norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2 = _norm(cout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = F.silu(self.norm1(self.conv1(x)))
+        h = self.norm2(self.conv2(h))
+        return F.silu(h + self.skip(x))
+
+
+class Encoder(nn.Module):
+    """Image [B,3,128,128] in [-1,1] -> latent [B,C,8,8]."""
+
+    def __init__(self, cfg: AEConfig, out_channels=None):
+        super().__init__()
+        w = cfg.widths
+        self.stem = nn.Conv2d(3, w[0], 3, padding=1)
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(w[i], w[i + 1], 3, stride=2, padding=1), ResBlock(w[i + 1], w[i + 1]))
+            for i in range(len(w) - 1)
+        )
+        self.out = nn.Conv2d(w[-1], out_channels or cfg.latent_channels, 1)
+
+    def features(self, x):
+        """Feature maps at every scale, finest first: [128, 64, 32, 16, 8] px."""
+        h = F.silu(self.stem(x))
+        feats = [h]
+        for block in self.down:
+            h = block(h)
+            feats.append(h)
+        return feats
+
+    def forward(self, x):
+        return self.out(self.features(x)[-1])
+
+
+class RefDecoder(nn.Module):
+    """Latent [B,C,8,8] + reference features -> image [B,3,128,128].
+
+    Works up to 64 px, then a pixel-shuffle head predicts RGB and an alpha at 128 px; the output blends
+    the prediction with the reference portrait (alpha -> 0 where the picture is the static reference).
+    """
+
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        w = cfg.widths
+        self.inp = nn.Conv2d(cfg.latent_channels + w[-1], w[-1], 3, padding=1)
+        self.mid = ResBlock(w[-1], w[-1])
+        # up i: from the scale of w[i+1] to the scale of w[i] (16, 32, 64 px), fused with reference features
+        self.up = nn.ModuleList(ResBlock(w[i + 1] + w[i], w[i]) for i in reversed(range(1, len(w) - 1)))
+        self.head = nn.Conv2d(w[1], 4 * 4, 3, padding=1)  # 4 channels (RGB + alpha) x 2x2 sub-pixels
+
+    def forward(self, z, ref_feats, ref_image):
+        """ref_feats: Encoder.features of the reference; ref_image [1,3,128,128] in [-1,1]."""
+        b = z.shape[0]
+        ref_feats = [rf.expand(b, -1, -1, -1) if rf.shape[0] != b else rf for rf in ref_feats]
+        h = self.mid(F.silu(self.inp(torch.cat([z, ref_feats[-1]], 1))))
+        for block, rf in zip(self.up, reversed(ref_feats[1:-1])):
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = block(torch.cat([h, rf], 1))
+        out = F.pixel_shuffle(self.head(h), 2)  # [B, 4, 128, 128]
+        alpha = torch.sigmoid(out[:, 3:] + 2.0)
+        return alpha * out[:, :3] + (1 - alpha) * ref_image
+
+
+class FrameAutoencoder(nn.Module):
+    """Encoder + reference encoder + reference-conditioned decoder; latents are standardised."""
+
+    def __init__(self, cfg: AEConfig = AEConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.ref_encoder = Encoder(cfg)
+        self.decoder = RefDecoder(cfg)
+        # per-channel statistics of encoder outputs, set after training: latent = (raw - mean) / std
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
+
+    @staticmethod
+    def to_input(frames_u8):
+        """uint8 [...,H,W,3] (numpy or tensor) -> float [...,3,H,W] in [-1,1]."""
+        x = torch.as_tensor(frames_u8)
+        return x.movedim(-1, -3).float().div(127.5).sub(1.0)
+
+    @staticmethod
+    def to_uint8(x):
+        """float [...,3,H,W] in [-1,1] -> uint8 numpy [...,H,W,3]."""
+        return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).movedim(-3, -1).numpy()
+
+    def encode(self, x):
+        """[B,3,H,W] -> standardised latent [B,C,8,8]."""
+        z = self.encoder(x)
+        return (z - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
+
+    def reference(self, ref):
+        """Reference portrait [1,3,H,W] -> what the decoder needs of it (compute once per avatar)."""
+        return self.ref_encoder.features(ref), ref
+
+    def decode(self, z, ref_feats):
+        """Standardised latent [B,C,8,8] -> image [B,3,H,W]."""
+        raw = z * self.latent_std[:, None, None] + self.latent_mean[:, None, None]
+        feats, image = ref_feats
+        return self.decoder(raw, feats, image)

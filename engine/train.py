@@ -1,0 +1,245 @@
+"""Training of the reference model, in stages, resumable: `ae` (frame autoencoder), `latents` (encode the
+corpus once), `dit` (audio encoder + DiT with flow matching), `export` (shipped safetensors).
+
+Every stage checkpoints to RUN/<stage>.pt every few hundred steps and resumes from it; losses go to
+RUN/<stage>_loss.csv and a progress bar shows the running loss.
+"""
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.model.audio_encoder import SAMPLES_PER_FRAME, audio_window
+from engine.model.avatar import AvatarModel, save_model
+from engine.model.dit import PRESETS
+
+
+def load_corpus(corpus_dir, keys=("frames", "audio", "openness", "ref", "face_mask", "ref_face_mask",
+                                  "ref_person_mask")):
+    """All clips of a corpus dir as a list of dicts of numpy arrays."""
+    files = sorted(Path(corpus_dir).glob("clip_*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no clip_*.npz in {corpus_dir}")
+    clips = []
+    for f in tqdm(files, desc="load corpus", unit="clip"):
+        with np.load(f) as z:
+            clips.append({k: z[k] for k in keys if k in z.files} | {"name": f.stem})
+    return clips
+
+
+class Checkpointer:
+    """Save/resume model + optimiser state and append losses to a CSV."""
+
+    def __init__(self, run_dir, stage):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"{stage}.pt"
+        self.log = self.dir / f"{stage}_loss.csv"
+
+    def resume(self, modules: dict, opt):
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, weights_only=False)
+        for name, m in modules.items():
+            m.load_state_dict(state[name])
+        opt.load_state_dict(state["opt"])
+        print(f"resumed {self.path} at step {state['step']}")
+        return state["step"]
+
+    def save(self, modules: dict, opt, step):
+        state = {name: m.state_dict() for name, m in modules.items()} | {"opt": opt.state_dict(), "step": step}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+    def write(self, rows):
+        new = not self.log.exists()
+        with open(self.log, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "loss", "aux", "seconds"])
+            w.writerows(rows)
+
+
+def _model(preset="ref-S"):
+    return AvatarModel(PRESETS[preset])
+
+
+def _lr(step, total, base, warmup=200):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+# ---------------------------------------------------------------------------------------------- AE
+def train_ae(corpus, run_dir, steps=3000, batch=16, lr=1e-3, seed=0, preset="ref-S"):
+    """Stage 1: frame autoencoder with the reference-conditioned decoder."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    clips = load_corpus(corpus, keys=("frames", "ref", "face_mask"))
+    model = _model(preset)
+    ae = model.ae
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    ck = Checkpointer(run_dir, "ae")
+    step = ck.resume({"ae": ae}, opt)
+    bar = tqdm(total=steps, initial=step, desc="train ae", unit="step")
+    rows, t0 = [], time.time()
+    while step < steps:
+        ci = rng.integers(len(clips), size=batch)
+        fi = [rng.integers(len(clips[c]["frames"])) for c in ci]
+        x = ae.to_input(np.stack([clips[c]["frames"][f] for c, f in zip(ci, fi)]))
+        ref = ae.to_input(np.stack([clips[c]["ref"] for c in ci]))
+        face = torch.from_numpy(np.stack([clips[c]["face_mask"][f] for c, f in zip(ci, fi)])).float()[:, None]
+        z = ae.encoder(x)
+        # robustness to imperfect latents from the DiT: noise relative to the latent scale
+        z_in = z + torch.rand(batch, 1, 1, 1) * 0.15 * z.detach().std() * torch.randn_like(z)
+        y = ae.decoder(z_in, ae.ref_encoder.features(ref))
+        err = (y - x).abs()
+        loss = err.mean() + 4 * (err * face).mean() + F.mse_loss(y, x) + 1e-4 * z.pow(2).mean()
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        rows.append([step, round(loss.item(), 5), 0.0, round(time.time() - t0, 1)])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 200 == 0 or step == steps:
+            ck.save({"ae": ae}, opt, step)
+            ck.write(rows)
+            rows = []
+    bar.close()
+    return ae
+
+
+@torch.no_grad()
+def encode_corpus(corpus, run_dir, preset="ref-S"):
+    """Stage 2: fit latent statistics, encode every clip (and its reference) once."""
+    run_dir = Path(run_dir)
+    model = _model(preset)
+    state = torch.load(run_dir / "ae.pt", weights_only=False)
+    model.ae.load_state_dict(state["ae"])
+    ae = model.ae.eval()
+    clips = load_corpus(corpus, keys=("frames", "ref"))
+    raw = [ae.encoder(ae.to_input(c["frames"][:: max(1, len(c["frames"]) // 8)])) for c in clips[:200]]
+    raw = torch.cat(raw)
+    ae.latent_mean.copy_(raw.mean((0, 2, 3)))
+    ae.latent_std.copy_(raw.std((0, 2, 3)) + 1e-5)
+    out = {}
+    for c in tqdm(clips, desc="encode", unit="clip"):
+        z = torch.cat([ae.encode(ae.to_input(c["frames"][i:i + 64])) for i in range(0, len(c["frames"]), 64)])
+        out[c["name"]] = {"z": z.half(), "ref": ae.encode(ae.to_input(c["ref"])[None])[0].half()}
+    torch.save({"ae": ae.state_dict(), "latents": out}, run_dir / "latents.pt")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- DiT
+class ChunkSampler:
+    """Random training chunks: target latents, motion latents, audio window, masks, openness."""
+
+    def __init__(self, clips, latents, cfg, rng):
+        self.clips, self.latents, self.cfg, self.rng = clips, latents, cfg, rng
+        self.audio = [torch.from_numpy(c["audio"].astype(np.float32)) for c in clips]
+
+    def batch(self, n):
+        cfg = self.cfg
+        w, m = cfg.frames, cfg.motion_frames
+        xs, mots, refs, auds, opens, faces, persons = [], [], [], [], [], [], []
+        for _ in range(n):
+            ci = int(self.rng.integers(len(self.clips)))
+            c, lat = self.clips[ci], self.latents[self.clips[ci]["name"]]
+            z, ref = lat["z"].float(), lat["ref"].float()
+            t_len = z.shape[0]
+            # chunks start anywhere; a clip starts in the reference pose, so before frame 0 = reference
+            s = int(self.rng.integers(0, max(1, t_len - w + 1)))
+            if self.rng.random() < 0.1:
+                s = 0
+            padded = torch.cat([ref[None].repeat(m, 1, 1, 1), z, z[-1:].repeat(w, 1, 1, 1)])
+            xs.append(padded[m + s:m + s + w])
+            mots.append(padded[s:s + m])
+            refs.append(ref)
+            auds.append(audio_window(self.audio[ci], s - cfg.lookback, cfg.audio_frames))
+            op = np.zeros(cfg.audio_frames, np.float32)
+            for j in range(cfg.audio_frames):
+                f = s - cfg.lookback + j
+                if 0 <= f < len(c["openness"]):
+                    op[j] = c["openness"][f]
+            opens.append(torch.from_numpy(op))
+            faces.append(torch.from_numpy(c["ref_face_mask"]).float())
+            persons.append(torch.from_numpy(c["ref_person_mask"]).float())
+        return (torch.stack(xs), torch.stack(mots), torch.stack(refs), torch.stack(auds),
+                torch.stack(opens), torch.stack(faces), torch.stack(persons))
+
+
+def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="ref-S", bf16=True):
+    """Stage 3: audio encoder + DiT, rectified flow matching with face-weighted loss and an openness aux loss."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    run_dir = Path(run_dir)
+    model = _model(preset)
+    lat = torch.load(run_dir / "latents.pt", weights_only=False)
+    model.ae.load_state_dict(lat["ae"])
+    clips = load_corpus(corpus, keys=("audio", "openness", "ref_face_mask", "ref_person_mask"))
+    data = ChunkSampler(clips, lat["latents"], model.cfg, rng)
+    params = list(model.dit.parameters()) + list(model.audio.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ck = Checkpointer(run_dir, "dit")
+    step = ck.resume({"dit": model.dit, "audio": model.audio}, opt)
+    bar = tqdm(total=steps, initial=step, desc="train dit", unit="step")
+    rows, t0 = [], time.time()
+    dit = model.dit
+    while step < steps:
+        x0, mot, ref, aud, opn, face, person = data.batch(batch)
+        # the motion latents at inference come from generated chunks: make the model tolerate small errors
+        mot = mot + torch.rand(batch, 1, 1, 1, 1) * 0.1 * torch.randn_like(mot)
+        t = torch.sigmoid(torch.randn(batch))  # logit-normal times
+        noise = torch.randn_like(x0)
+        xt = (1 - t)[:, None, None, None, None] * x0 + t[:, None, None, None, None] * noise
+        tokens = model.audio(aud)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            cond = dit.prepare(ref, mot, tokens, face, person)
+            v = dit(xt, t, cond)
+            aux_pred = model.audio.frame_openness(tokens)
+        v = v.float()
+        err = (v - (noise - x0)).pow(2).mean(2)  # [B, W, H, W]
+        fm = F.interpolate(face[:, None], size=err.shape[-2:], mode="area")  # [B,1,H,W]
+        loss = (err * (1 + 4 * (fm * 4).clamp(0, 1))).mean()
+        aux = F.mse_loss(aux_pred.float(), opn)
+        total = loss + 0.5 * aux
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        rows.append([step, round(loss.item(), 5), round(aux.item(), 5), round(time.time() - t0, 1)])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", aux=f"{aux.item():.4f}")
+        if step % 200 == 0 or step == steps:
+            ck.save({"dit": model.dit, "audio": model.audio}, opt, step)
+            ck.write(rows)
+            rows = []
+    bar.close()
+    return model
+
+
+def export(run_dir, out_path, preset="ref-S"):
+    """Stage 4: gather AE + DiT + audio encoder into one safetensors file."""
+    run_dir = Path(run_dir)
+    model = _model(preset)
+    model.ae.load_state_dict(torch.load(run_dir / "latents.pt", weights_only=False)["ae"])
+    state = torch.load(run_dir / "dit.pt", weights_only=False)
+    model.dit.load_state_dict(state["dit"])
+    model.audio.load_state_dict(state["audio"])
+    save_model(model, out_path, extra_meta={"dit_steps": state["step"], "preset": preset})
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"out": str(out_path), "params": n, "dit_steps": state["step"]}))
