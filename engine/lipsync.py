@@ -13,7 +13,7 @@ import numpy as np
 
 FPS = 25
 SR = 16000
-MOUTH_ROWS = (66, 118)  # mouth box in a 128x128 frame (the corpus keeps the mouth inside it)
+MOUTH_ROWS = (50, 102)  # mouth box in a 128x128 frame (the corpus keeps the mouth inside it)
 MOUTH_COLS = (32, 96)
 CONTEXT = 5  # audio head sees video frames i-5..i+5, i.e. mel frames 4i-20 .. 4i+23
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "lipsync_expert.safetensors"

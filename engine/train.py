@@ -99,7 +99,7 @@ def train_ae(corpus, run_dir, steps=3000, batch=16, lr=1e-3, seed=0, preset="ref
         z = ae.encoder(x)
         # robustness to imperfect latents from the DiT: noise relative to the latent scale
         z_in = z + torch.rand(batch, 1, 1, 1) * 0.15 * z.detach().std() * torch.randn_like(z)
-        y = ae.decoder(z_in, ae.ref_encoder.features(ref))
+        y = ae.decoder(z_in, ae.ref_encoder.features(ref), ref)
         err = (y - x).abs()
         loss = err.mean() + 4 * (err * face).mean() + F.mse_loss(y, x) + 1e-4 * z.pow(2).mean()
         for g in opt.param_groups:

@@ -1,0 +1,84 @@
+"""Model parts: shapes, patches, audio windows, sampler, shipped weights."""
+import math
+
+import torch
+
+from engine.model.audio_encoder import AudioEncoder, audio_window
+from engine.model.autoencoder import FrameAutoencoder
+from engine.model.avatar import DEFAULT_WEIGHTS, AvatarModel, load_model
+from engine.model.dit import PRESETS, AvatarDiT
+from engine.sampler import sample, timesteps
+
+CFG = PRESETS["ref-XS"]
+
+
+def _cond(dit, b=1):
+    cfg = dit.cfg
+    ref = torch.randn(b, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    mot = torch.randn(b, cfg.motion_frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    audio = torch.randn(b, cfg.audio_frames * 2, cfg.audio_dim)
+    mask = torch.zeros(b, 128, 128)
+    mask[:, 60:100, 40:90] = 1
+    return dit.prepare(ref, mot, audio, mask, mask)
+
+
+def test_autoencoder_shapes():
+    ae = FrameAutoencoder().eval()
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    z = ae.encode(x)
+    assert z.shape == (2, 16, 8, 8)
+    y = ae.decode(z, ae.reference(x[:1]))
+    assert y.shape == (2, 3, 128, 128)
+
+
+def test_dit_shapes_and_patches():
+    dit = AvatarDiT(CFG).eval()
+    x = torch.randn(2, CFG.frames, CFG.latent_channels, CFG.latent_size, CFG.latent_size)
+    assert torch.equal(dit.unpatchify(dit.patchify(x), CFG.frames), x)
+    v = dit(x, torch.rand(2), _cond(dit, 2))
+    assert v.shape == x.shape
+
+
+def test_audio_bias_is_local():
+    dit = AvatarDiT(CFG)
+    bias = dit.audio_bias()
+    n_tok, n_aud = CFG.frames * CFG.tokens_per_frame, CFG.audio_frames * 2
+    assert bias.shape == (n_tok, n_aud)
+    assert torch.isfinite(bias).any(1).all()  # every token sees some audio
+    # the first frame's tokens see no audio from after frame 0 + attend[1]
+    last_seen = CFG.lookback + CFG.attend[1]
+    assert torch.isinf(bias[0, 2 * (last_seen + 1):]).all()
+
+
+def test_audio_window_and_encoder():
+    audio = torch.arange(16000, dtype=torch.float32)
+    w = audio_window(audio, -2, 4, margin=0)
+    assert w.shape == (4 * 640,) and (w[:1280] == 0).all() and torch.equal(w[1280:], audio[:1280])
+    enc = AudioEncoder()
+    frames = 10
+    tokens = enc(torch.randn(1, (frames + 2) * 640))
+    assert tokens.shape == (1, frames * 2, 128)
+    assert enc.frame_openness(tokens).shape == (1, frames)
+
+
+def test_sampler_integrates_velocity():
+    ts = timesteps(20)
+    assert ts[0] == 1 and ts[-1] == 0 and len(ts) == 21 and (ts[1:] < ts[:-1]).all()
+
+    class Const(torch.nn.Module):  # v = noise - x0 with x0 = 0, noise = x: straight path to zero
+        def forward(self, x, t, cond):
+            return x / t.clamp_min(1e-6)[:, None, None, None, None]
+    noise = torch.randn(1, 4, 16, 8, 8)
+    timer = {}
+    out = sample(Const(), None, noise, steps=10, timer=timer)
+    assert out.abs().max() < 1e-4 and timer["dit_ms"] > 0
+
+
+def test_shipped_weights_load_and_fit_budget():
+    size = sum(p.stat().st_size for p in DEFAULT_WEIGHTS.parent.glob("*.safetensors"))
+    assert size <= 60 * 2 ** 20
+    model = load_model()
+    assert isinstance(model, AvatarModel)
+    n = sum(p.numel() for p in model.parameters())
+    assert n > 1e6
+    assert model.cfg.frames >= 1 and math.isfinite(float(model.dit.final_layer.linear.weight.abs().sum()))
