@@ -83,6 +83,26 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def model_stats(model) -> dict:
+    """Parameter counts per part, tokens per chunk and DiT FLOPs per denoising step (torch's counter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = model.cfg
+    cond = model.dit.prepare(torch.zeros(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
+                             torch.zeros(1, cfg.motion_frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
+                             torch.zeros(1, cfg.audio_frames * 2, cfg.audio_dim), torch.ones(1, 128, 128))
+    x = torch.zeros(1, cfg.frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.dit(x, torch.ones(1), cond)
+    params = {name: sum(p.numel() for p in part.parameters()) for name, part in
+              (("autoencoder", model.ae), ("audio_encoder", model.audio), ("dit", model.dit))}
+    return {"params": params | {"total": sum(params.values())},
+            "dit_gflops_per_step": round(fc.get_total_flops() / 1e9, 3),
+            "tokens_per_chunk": cond.context.shape[1] + cfg.frames * cfg.tokens_per_frame,
+            "frames_per_chunk": cfg.frames, "hidden": cfg.hidden, "depth": cfg.depth,
+            "audio_blocks_after": list(cfg.audio_after)}
+
+
 def evaluate_corpus(corpus_dir, model=None, clips=None, steps=None, sheet=None, progress=True) -> dict:
     """Evaluate on (the first `clips` of) a held-out corpus; optionally draw a contact sheet."""
     from tqdm import tqdm
@@ -100,7 +120,7 @@ def evaluate_corpus(corpus_dir, model=None, clips=None, steps=None, sheet=None, 
         rows.append(res)
         if len(shown) < 4:
             shown.append((frames, clip["frames"][:len(frames)], clip["openness"][:len(frames)]))
-    report = {"corpus": str(corpus_dir), "summary": summarise(rows), "clips": rows}
+    report = {"corpus": str(corpus_dir), "summary": summarise(rows), "model": model_stats(model), "clips": rows}
     if sheet:
         contact_sheet(shown, sheet)
         report["sheet"] = str(sheet)

@@ -17,6 +17,14 @@ class UserError(Exception):
     """Something the user gave cannot be used; the message is one line."""
 
 
+def _config(a):
+    from syncavatar.config import DEFAULT_CONFIG, ConfigError, load_config
+    try:
+        return load_config(a.config or DEFAULT_CONFIG)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
 # ------------------------------------------------------------------------------------------- data
 def cmd_data(a):
     from engine.data.corpus import SPLITS, build_corpus
@@ -57,6 +65,10 @@ def cmd_render(a):
     from engine.generator import load_avatar, render_frames
     from engine.media import MediaError, load_audio, write_mp4
     from engine.model.avatar import load_model
+    cfg = _config(a)
+    a.avatar = a.avatar if a.avatar is not None else cfg.engine.avatar
+    a.steps = a.steps if a.steps is not None else cfg.model.steps
+    a.seed = a.seed if a.seed is not None else cfg.model.seed
     try:
         audio = load_audio(a.audio, 16000)
     except MediaError as e:
@@ -65,11 +77,10 @@ def cmd_render(a):
         avatar = load_avatar(a.avatar)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if a.steps is not None and a.steps < 1:
+    if a.steps < 1:
         raise UserError("--steps must be >= 1")
-    model = load_model(a.weights) if a.weights else load_model()
-    kwargs = {"steps": a.steps} if a.steps else {}
-    frames, stats = render_frames(model, avatar, audio, seed=a.seed, progress=not a.quiet, **kwargs)
+    model = load_model(a.weights or cfg.path(cfg.model.weights))
+    frames, stats = render_frames(model, avatar, audio, steps=a.steps, seed=a.seed, progress=not a.quiet)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(out, frames, 25, audio, 16000)
@@ -130,10 +141,11 @@ def build_parser():
 
     r = sub.add_parser("render", help="audio file -> talking-portrait mp4, chunk by chunk as the live engine")
     r.add_argument("--audio", required=True)
-    r.add_argument("--avatar", default="0")
+    r.add_argument("--avatar", default=None, help="identity number (default from the config: 0)")
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=None)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--config", default=None, help="TOML config (default configs/default.toml)")
     r.add_argument("--json", default=None, help="write stats JSON here")
     r.add_argument("--frames-out", default=None, help="save the exact RGB frames as .npy (T x H x W x 3)")
     r.add_argument("--weights", default=None)

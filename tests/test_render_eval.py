@@ -74,3 +74,12 @@ def test_render_unknown_avatar_exits_2(tmp_path, speech_wav, capsys):
 def test_eval_missing_video_exits_2(tmp_path, capsys):
     rc = main(["eval", "--video", str(tmp_path / "nope.mp4")])
     assert rc == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["[model\nsteps = 3", "[model]\nstepz = 3", "[model]\nsteps = 'many'"])
+def test_render_bad_config_exits_2(tmp_path, speech_wav, text, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    rc = main(["render", "--audio", str(speech_wav), "--config", str(cfg), "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "error" in err

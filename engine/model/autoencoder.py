@@ -68,8 +68,10 @@ class Encoder(nn.Module):
 class RefDecoder(nn.Module):
     """Latent [B,C,8,8] + reference features -> image [B,3,128,128].
 
-    Works up to 64 px, then a pixel-shuffle head predicts RGB and an alpha at 128 px; the output blends
-    the prediction with the reference portrait (alpha -> 0 where the picture is the static reference).
+    Works up to 64 px, then a pixel-shuffle head predicts at 128 px the change from the reference
+    portrait: output = reference + delta, so the static background is the reference exactly where delta
+    is 0. (A learned alpha blend with the reference was tried first: its sigmoid saturated at "copy the
+    reference" and no gradient reached the latent any more.)
     """
 
     def __init__(self, cfg: AEConfig):
@@ -79,7 +81,9 @@ class RefDecoder(nn.Module):
         self.mid = ResBlock(w[-1], w[-1])
         # up i: from the scale of w[i+1] to the scale of w[i] (16, 32, 64 px), fused with reference features
         self.up = nn.ModuleList(ResBlock(w[i + 1] + w[i], w[i]) for i in reversed(range(1, len(w) - 1)))
-        self.head = nn.Conv2d(w[1], 4 * 4, 3, padding=1)  # 4 channels (RGB + alpha) x 2x2 sub-pixels
+        self.head = nn.Conv2d(w[1], 3 * 4, 3, padding=1)  # RGB delta x 2x2 sub-pixels
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, z, ref_feats, ref_image):
         """ref_feats: Encoder.features of the reference; ref_image [1,3,128,128] in [-1,1]."""
@@ -89,9 +93,8 @@ class RefDecoder(nn.Module):
         for block, rf in zip(self.up, reversed(ref_feats[1:-1])):
             h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = block(torch.cat([h, rf], 1))
-        out = F.pixel_shuffle(self.head(h), 2)  # [B, 4, 128, 128]
-        alpha = torch.sigmoid(out[:, 3:] + 2.0)
-        return alpha * out[:, :3] + (1 - alpha) * ref_image
+        delta = F.pixel_shuffle(self.head(h), 2)  # [B, 3, 128, 128]
+        return ref_image + delta
 
 
 class FrameAutoencoder(nn.Module):
