@@ -1,0 +1,46 @@
+"""SyncCacheConfig: when to reuse heavy-block residuals and how much may be stored."""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from synccache.schedule import Schedule
+
+
+@dataclass
+class SyncCacheConfig:
+    """Knobs of SyncCache; the defaults probe online with every cacheable span cached.
+
+    enabled: False attaches nothing that changes a value: outputs are bit-identical to the plain model.
+    threshold: reuse while the accumulated weighted probe error (see synccache.probe) stays below it.
+    warmup: the first `warmup` steps of every sample are always computed fully (step 0 always is).
+    max_reuse: most consecutive reuse steps before a full step is forced.
+    spans: span indices (BlockLayout.spans()) that may be cached; None = every cacheable span.
+    cache_ratio: fraction of the cacheable spans that may keep a residual, the deepest ones first.
+    cache_bytes: cap on the bytes of stored residuals; spans that do not fit are always computed.
+    schedule: a fixed offline plan (Schedule or path to its JSON); the hooks follow it with no probe,
+      ignoring threshold / warmup / max_reuse; the budget above still applies.
+    """
+    enabled: bool = True
+    threshold: float = 0.15
+    warmup: int = 2
+    max_reuse: int = 3
+    spans: Optional[Sequence[int]] = None
+    cache_ratio: float = 1.0
+    cache_bytes: Optional[int] = None
+    schedule: Optional[Union[Schedule, str, Path]] = None
+
+    def __post_init__(self):
+        if isinstance(self.schedule, (str, Path)):
+            self.schedule = Schedule.load(self.schedule)
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
+            raise ValueError(f"schedule must be a Schedule or a path, got {type(self.schedule).__name__}")
+        if self.threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if self.warmup < 0 or self.max_reuse < 0:
+            raise ValueError(f"warmup and max_reuse must be >= 0, got {self.warmup}, {self.max_reuse}")
+        if not 0.0 <= self.cache_ratio <= 1.0:
+            raise ValueError(f"cache_ratio must be in [0, 1], got {self.cache_ratio}")
+        if self.cache_bytes is not None and self.cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {self.cache_bytes}")
+        if self.spans is not None:
+            self.spans = tuple(int(s) for s in self.spans)

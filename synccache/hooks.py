@@ -1,0 +1,278 @@
+"""Attach SyncCache to a model: modality-decoupled residual caching of heavy spans, removable exactly.
+
+One model forward = one denoising step. Per step:
+- probe mode: the heavy blocks up to the probe always run; the probe output is compared with the probe
+  output of the last fully computed step (weighted relative L1, synccache.probe) and that distance is
+  added to an accumulator that is cleared on every full step. The step reuses if the sum stays below the
+  threshold, warmup is over, and fewer than max_reuse reuse steps precede it in a row.
+- schedule mode: a fixed offline plan says which spans are bypassed at which step; no probe runs.
+On a reuse step, each cached span's first block returns (input + the residual stored on its last
+computed step) and its other blocks pass their input through without running. Audio blocks are never
+touched: the model calls them as usual, on the current hidden state, at every step. On a computed step
+every cached span stores output - input. Spans outside the budget always run.
+
+How it attaches: each heavy block gets an instance-level `forward` wrapper (the class method stays as
+it is), the model gets a forward pre-hook and an always-called forward hook that bracket the step, and
+each audio block a pre-hook that only counts calls. `remove()` deletes all of that. Assumptions: heavy
+blocks take the hidden state [B, L, D] as first argument (or `hidden_states=`/`x=`), return a tensor of
+that shape and do not modify their input in place. Forward hooks a user registers on a heavy block
+itself still fire on bypassed steps (the block is called, its own forward is not run).
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from synccache.config import SyncCacheConfig
+from synccache.layout import BlockLayout, LayoutError
+from synccache.probe import weighted_rel_l1
+from synccache.schedule import ScheduleError
+
+COMPUTE, REUSE = "compute", "reuse"
+
+
+def _hidden(i, args, kwargs):
+    """The hidden-state tensor a heavy block was called with."""
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    if not isinstance(x, torch.Tensor):
+        raise LayoutError(f"heavy block {i} was not given a hidden-state tensor as its first argument")
+    return x
+
+
+class _State:
+    """Everything that belongs to one sample (chunk); cleared by reset()."""
+
+    def __init__(self, n_spans):
+        self.step = -1
+        self.args, self.kwargs, self.in_step = (), {}, False
+        self.mode = [COMPUTE] * n_spans  # per span, this step
+        self.inp = [None] * n_spans  # span input, held within a computed step
+        self.res = [None] * n_spans  # stored residual (output - input) from the last computed step
+        self.active = None  # spans allowed to keep residuals, resolved at the first heavy call
+        self.anchor = None  # probe output of the last fully computed step
+        self.acc, self.run = 0.0, 0
+
+    def cache_bytes(self):
+        return sum(r.numel() * r.element_size() for r in self.res if r is not None)
+
+
+class _Stats:
+    """Counters and traces reported by stats(); kept across reset(keep_stats=True)."""
+
+    def __init__(self, n_spans):
+        self.steps = self.reuse_steps = self.audio_calls = self.peak_bytes = 0
+        self.computed, self.reused = [0] * n_spans, [0] * n_spans
+        self.probe_error, self.accumulated, self.decisions = [], [], []
+
+
+class SyncCacheHandle:
+    """SyncCache attached to one model: reset() per sample or chunk, stats(), remove()."""
+
+    def __init__(self, model: nn.Module, config: SyncCacheConfig, layout: BlockLayout):
+        self.model, self.config, self.layout = model, config, layout
+        self.probing = config.schedule is None
+        self.spans = layout.spans()
+        self.cacheable = layout.cacheable_spans(self.probing)
+        self._block_span = {}  # heavy index -> span index, for the blocks that can be bypassed
+        for s, c in enumerate(self.cacheable):
+            if c is not None:
+                for i in range(c[0], c[1] + 1):
+                    self._block_span[i] = s
+        self._candidates = self._select_candidates()
+        self._wrapped, self._hooks, self._removed = [], [], False
+        self.state, self._stats = _State(len(self.spans)), _Stats(len(self.spans))
+
+    # --- budget ------------------------------------------------------------------------------------
+    def _select_candidates(self):
+        """Spans that may be cached before sizes are known: allowed, cacheable, ratio, deepest first."""
+        cfg, n = self.config, len(self.spans)
+        cand = [s for s, c in enumerate(self.cacheable) if c is not None]
+        if cfg.spans is not None:
+            bad = [s for s in cfg.spans if not 0 <= s < n]
+            if bad:
+                raise ValueError(f"config.spans {bad} out of range: the layout has spans 0..{n - 1}")
+            cand = [s for s in cand if s in cfg.spans]
+        if cfg.schedule is not None:
+            cand = [s for s in cand if s in cfg.schedule.cached_spans]
+        k = math.floor(cfg.cache_ratio * len([c for c in self.cacheable if c is not None]) + 1e-9)
+        return cand[max(0, len(cand) - k):] if k > 0 else []
+
+    def _resolve_active(self, x):
+        """Apply the byte budget once the residual size (that of the hidden state) is known."""
+        cand = list(self._candidates)
+        if self.config.cache_bytes is not None:
+            fit = self.config.cache_bytes // max(1, x.numel() * x.element_size())
+            cand = cand[max(0, len(cand) - fit):] if fit > 0 else []
+        self.state.active = cand
+
+    def _store(self, s, res):
+        """Keep span s's residual unless that would exceed cache_bytes (then s is always computed)."""
+        st = self.state
+        st.res[s] = None
+        limit = self.config.cache_bytes
+        if limit is not None and st.cache_bytes() + res.numel() * res.element_size() > limit:
+            st.active = [a for a in st.active if a != s]
+            return
+        st.res[s] = res
+        self._stats.peak_bytes = max(self._stats.peak_bytes, st.cache_bytes())
+
+    # --- per step ----------------------------------------------------------------------------------
+    def _begin(self, module, args, kwargs):
+        """Model forward pre-hook: a new step."""
+        st, cfg = self.state, self.config
+        st.step += 1
+        st.args, st.kwargs, st.in_step = args, kwargs, True
+        st.mode = [COMPUTE] * len(self.spans)
+        if cfg.enabled and cfg.schedule is not None:
+            st.mode = [REUSE if cfg.schedule.reuses(s, st.step) else COMPUTE for s in range(len(self.spans))]
+
+    def _end(self, module, args, output):
+        """Model forward hook (always called): count the step, drop references to its inputs."""
+        st, stats = self.state, self._stats
+        st.args, st.kwargs, st.in_step = (), {}, False
+        st.inp = [None] * len(self.spans)
+        stats.steps += 1
+        for s, m in enumerate(st.mode):
+            if m == REUSE:
+                stats.reused[s] += 1
+            else:
+                stats.computed[s] += 1
+        stats.reuse_steps += REUSE in st.mode
+        stats.decisions.append("R" if REUSE in st.mode else "C")
+
+    def _decide(self, probe_out):
+        """After the probe block: compute or reuse this step (probe mode only)."""
+        st, cfg = self.state, self.config
+        w = self.layout.weight(st.args, st.kwargs, probe_out)
+        err, reuse = None, False
+        if st.anchor is not None and st.anchor.shape == probe_out.shape:
+            err = weighted_rel_l1(probe_out, st.anchor, w)
+            ready = bool(st.active) and all(st.res[s] is not None for s in st.active)
+            reuse = (st.step >= max(cfg.warmup, 1) and st.acc + err < cfg.threshold
+                     and st.run < cfg.max_reuse and ready)
+        self._stats.probe_error.append(err)
+        if reuse:
+            st.acc, st.run = st.acc + err, st.run + 1
+            for s in st.active:
+                st.mode[s] = REUSE
+        else:
+            st.acc, st.run, st.anchor = 0.0, 0, probe_out.detach()
+        self._stats.accumulated.append(st.acc)
+
+    def _heavy(self, i, forward, args, kwargs):
+        """Wrapped forward of heavy block i."""
+        st, cfg = self.state, self.config
+        if not (st.in_step and cfg.enabled):
+            return forward(*args, **kwargs)
+        x = _hidden(i, args, kwargs)
+        if st.active is None:
+            self._resolve_active(x)
+        s = self._block_span.get(i)
+        if s is None:  # probe or uncacheable block: always runs
+            out = forward(*args, **kwargs)
+            if self.probing and i == self.layout.probe:
+                self._decide(out)
+            return out
+        first, last = self.cacheable[s]
+        cached = s in st.active
+        if i == first and st.mode[s] == REUSE:
+            r = st.res[s]
+            if cached and r is not None and r.shape == x.shape:
+                return x + r
+            st.mode[s] = COMPUTE  # nothing valid to reuse: compute this span
+        if st.mode[s] == REUSE:
+            return x  # inner block of a bypassed span
+        if i == first and cached:
+            st.inp[s] = x
+        out = forward(*args, **kwargs)
+        if i == last and cached and st.inp[s] is not None:
+            if not isinstance(out, torch.Tensor) or out.shape != st.inp[s].shape:
+                raise LayoutError(f"heavy block {i} must return a tensor shaped like its input")
+            self._store(s, (out - st.inp[s]).detach())
+            st.inp[s] = None
+        return out
+
+    def _count_audio(self, module, args):
+        self._stats.audio_calls += 1
+
+    # --- attach / detach ---------------------------------------------------------------------------
+    def _attach(self):
+        for i, block in enumerate(self.layout.heavy):
+            prev = block.__dict__.get("forward")
+            forward = block.forward  # bound method (or an earlier instance-level wrapper)
+
+            def wrapper(*args, _i=i, _f=forward, **kwargs):
+                return self._heavy(_i, _f, args, kwargs)
+            wrapper._synccache = True
+            block.forward = wrapper
+            self._wrapped.append((block, prev, wrapper))
+        self._hooks.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._end, always_call=True))
+        for blk in self.layout.audio:
+            self._hooks.append(blk.register_forward_pre_hook(self._count_audio))
+
+    def reset(self, keep_stats: bool = False) -> None:
+        """Forget residuals and probe state (new sample or chunk); stats too unless keep_stats."""
+        self.state = _State(len(self.spans))
+        if not keep_stats:
+            self._stats = _Stats(len(self.spans))
+
+    def remove(self) -> None:
+        """Detach everything: the model's modules are as they were before apply_synccache."""
+        if self._removed:
+            return
+        for block, prev, wrapper in self._wrapped:
+            if block.__dict__.get("forward") is not wrapper:
+                raise RuntimeError(f"{type(block).__name__}.forward was replaced after SyncCache was applied")
+            if prev is None:
+                del block.__dict__["forward"]
+            else:
+                block.__dict__["forward"] = prev
+        for h in self._hooks:
+            h.remove()
+        self._wrapped, self._hooks, self._removed = [], [], True
+        self.state = _State(len(self.spans))
+
+    def stats(self) -> dict:
+        """Per-span computed/reused counts, probe error trace, residual bytes, audio block calls."""
+        st, ss = self.state, self._stats
+        active = st.active if st.active is not None else self._candidates
+        return {
+            "mode": "off" if not self.config.enabled else ("probe" if self.probing else "schedule"),
+            "steps": ss.steps, "reuse_steps": ss.reuse_steps, "computed_steps": ss.steps - ss.reuse_steps,
+            "decisions": "".join(ss.decisions),
+            "spans": [{"blocks": list(b), "cacheable": list(c) if c else None, "cached": s in active,
+                       "computed": ss.computed[s], "reused": ss.reused[s]}
+                      for s, (b, c) in enumerate(zip(self.spans, self.cacheable))],
+            "cached_spans": list(active),
+            "probe_error": list(ss.probe_error), "accumulated_error": list(ss.accumulated),
+            "cache_bytes": st.cache_bytes(), "peak_cache_bytes": ss.peak_bytes,
+            "audio_calls": ss.audio_calls,
+        }
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def apply_synccache(model: nn.Module, config: Optional[SyncCacheConfig], layout: BlockLayout) -> SyncCacheHandle:
+    """Attach SyncCache to model (the module whose forward is one denoising step) -> handle."""
+    config = config if config is not None else SyncCacheConfig()
+    layout.validate()
+    layout.check_model(model)
+    for i, block in enumerate(layout.heavy):
+        if getattr(block.__dict__.get("forward"), "_synccache", False):
+            raise RuntimeError(f"SyncCache is already applied (heavy block {i}); remove() it first")
+    sched = config.schedule
+    if sched is not None:
+        spans = [list(p) for p in layout.spans()]
+        if sched.num_spans != len(spans):
+            raise ScheduleError(f"schedule has {sched.num_spans} spans, the layout has {len(spans)}")
+        if sched.spans is not None and [list(p) for p in sched.spans] != spans:
+            raise ScheduleError(f"schedule was made for spans {sched.spans}, the layout has {spans}")
+    handle = SyncCacheHandle(model, config, layout)
+    handle._attach()
+    return handle
