@@ -40,8 +40,13 @@ def load_avatar(avatar_id) -> Avatar:
 class ChunkGenerator:
     """Generates one chunk of frames at a time for one avatar, carrying motion latents across chunks."""
 
-    def __init__(self, model, avatar: Avatar, steps=DEFAULT_STEPS, seed=0, shift=1.0):
+    def __init__(self, model, avatar: Avatar, steps=DEFAULT_STEPS, seed=0, shift=1.0, cache=None):
+        """cache: a synccache.SyncCacheConfig to accelerate the DiT (None: plain model)."""
         self.model, self.avatar, self.steps, self.shift = model, avatar, steps, shift
+        self.cache = None
+        if cache is not None:
+            from synccache import apply_synccache, reference_layout
+            self.cache = apply_synccache(model.dit, cache, reference_layout(model.dit))
         self.cfg = model.cfg
         self.seed = seed
         with torch.no_grad():
@@ -52,6 +57,19 @@ class ChunkGenerator:
         self.person_mask = torch.from_numpy(avatar.person_mask)[None].float()
         self.timer = {}
         self.reset()
+
+    def close(self):
+        """Detach the cache hooks: the model is exactly as it was."""
+        if self.cache is not None:
+            self.cache.remove()
+            self.cache = None
+
+    def cache_stats(self):
+        """Denoising steps computed / reused so far (all steps computed without a cache)."""
+        if self.cache is None:
+            return {"computed_steps": int(self.timer.get("steps", 0)), "reused_steps": 0}
+        st = self.cache.stats()
+        return {"computed_steps": st["computed_steps"], "reused_steps": st["reuse_steps"]}
 
     def reset(self):
         """New utterance/session: motion restarts from the reference pose, the noise stream from the seed."""
@@ -73,28 +91,38 @@ class ChunkGenerator:
                                  self.face_mask, self.person_mask)
         shape = (1, cfg.frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         noise = torch.randn(shape, generator=self.rng)
+        if self.cache is not None:
+            self.cache.reset(keep_stats=True)  # residuals belong to one chunk
         z = sample(model.dit, cond, noise, self.steps, self.shift, timer=self.timer)
         self.motion = z[:, -cfg.motion_frames:]
         return model.ae.to_uint8(model.ae.decode(z[0], self.ref_feats))
 
 
-def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=False):
-    """Audio (float32 16 kHz mono) -> (frames uint8 [T,128,128,3], stats dict), T = ceil(audio_s * 25)."""
+def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=False, cache=None):
+    """Audio (float32 16 kHz mono) -> (frames uint8 [T,128,128,3], stats dict), T = ceil(audio_s * 25).
+
+    cache: None (plain model) or a synccache.SyncCacheConfig.
+    """
     t_start = time.perf_counter()
     audio_t = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     audio_s = len(audio) / SAMPLE_RATE
     total = max(1, math.ceil(audio_s * FPS))
-    gen = ChunkGenerator(model, avatar, steps=steps, seed=seed)
+    gen = ChunkGenerator(model, avatar, steps=steps, seed=seed, cache=cache)
     w = model.cfg.frames
     chunks = math.ceil(total / w)
     it = range(chunks)
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="render", unit="chunk")
-    frames = [gen.chunk(audio_t, c * w) for c in it]
+    try:
+        frames = [gen.chunk(audio_t, c * w) for c in it]
+        cache_stats = gen.cache_stats()
+    finally:
+        gen.close()
     frames = np.concatenate(frames)[:total]
     total_ms = (time.perf_counter() - t_start) * 1000
     stats = {"frames": int(total), "chunks": chunks, "audio_s": round(audio_s, 4), "steps": steps,
              "dit_ms": round(gen.timer["dit_ms"], 1), "total_ms": round(total_ms, 1),
-             "rtf": round(total_ms / 1000 / audio_s, 4) if audio_s > 0 else None}
+             "rtf": round(total_ms / 1000 / audio_s, 4) if audio_s > 0 else None,
+             "cache": "none" if cache is None else "synccache"} | cache_stats
     return frames, stats

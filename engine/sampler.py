@@ -26,5 +26,6 @@ def sample(dit, cond, noise, steps=DEFAULT_STEPS, shift=1.0, timer=None):
         v = dit(x, ts[i].expand(b), cond)
         if timer is not None:
             timer["dit_ms"] = timer.get("dit_ms", 0.0) + (time.perf_counter() - t0) * 1000
+            timer["steps"] = timer.get("steps", 0) + 1
         x = x + (ts[i + 1] - ts[i]) * v
     return x

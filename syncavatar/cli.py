@@ -80,7 +80,14 @@ def cmd_render(a):
     if a.steps < 1:
         raise UserError("--steps must be >= 1")
     model = load_model(a.weights or cfg.path(cfg.model.weights))
-    frames, stats = render_frames(model, avatar, audio, steps=a.steps, seed=a.seed, progress=not a.quiet)
+    cache = None
+    if a.cache == "synccache":
+        from synccache import SyncCacheConfig
+        cache = SyncCacheConfig(**({"threshold": a.cache_threshold} if a.cache_threshold is not None else {}))
+    elif a.cache_threshold is not None:
+        raise UserError("--cache-threshold needs --cache synccache")
+    frames, stats = render_frames(model, avatar, audio, steps=a.steps, seed=a.seed, progress=not a.quiet,
+                                  cache=cache)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(out, frames, 25, audio, 16000)
@@ -149,6 +156,9 @@ def build_parser():
     r.add_argument("--json", default=None, help="write stats JSON here")
     r.add_argument("--frames-out", default=None, help="save the exact RGB frames as .npy (T x H x W x 3)")
     r.add_argument("--weights", default=None)
+    r.add_argument("--cache", default="none", choices=["none", "synccache"],
+                   help="accelerate the DiT with SyncCache (issue 3, in progress: not yet calibrated)")
+    r.add_argument("--cache-threshold", type=float, default=None)
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_render)
 

@@ -31,7 +31,7 @@ def test_portraits_distinct_and_masked():
     b, _, _ = portraits.reference(1)
     assert a.shape == (128, 128, 3) and a.dtype == np.uint8
     assert np.abs(a.astype(int) - b).mean() > 10  # identities differ
-    assert fa.sum() > 0 and (fa & ~pa).sum() < 0.05 * fa.sum()  # face inside the person
+    assert fa.sum() > 0 and (fa & ~pa).sum() < 0.15 * fa.sum()  # face mask (a little dilated) on the person
     assert pa[0].sum() < 128  # top row mostly background
     idn = portraits.identity(5)
     closed, _, _ = portraits.draw(idn, openness=0.0)

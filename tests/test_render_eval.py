@@ -83,3 +83,21 @@ def test_render_bad_config_exits_2(tmp_path, speech_wav, text, capsys):
     rc = main(["render", "--audio", str(speech_wav), "--config", str(cfg), "--out", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "error" in err
+
+
+def test_render_with_synccache_reports_reuse(tmp_path, speech_wav):
+    stats = {}
+    for cache in ("none", "synccache"):
+        js = tmp_path / f"{cache}.json"
+        args = ["render", "--audio", str(speech_wav), "--out", str(tmp_path / f"{cache}.mp4"), "--steps", "8",
+                "--json", str(js), "--cache", cache, "--quiet"]
+        if cache == "synccache":
+            args += ["--cache-threshold", "100"]  # reuse whenever warm-up and the consecutive cap allow
+        assert main(args) == 0
+        stats[cache] = json.loads(js.read_text())
+    n_steps = stats["none"]["chunks"] * 8
+    assert stats["none"]["cache"] == "none" and stats["none"]["computed_steps"] == n_steps
+    assert stats["none"]["reused_steps"] == 0
+    s = stats["synccache"]
+    assert s["cache"] == "synccache" and s["reused_steps"] > 0
+    assert s["computed_steps"] + s["reused_steps"] == n_steps
