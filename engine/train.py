@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.model.audio_encoder import SAMPLES_PER_FRAME, audio_window
-from engine.model.avatar import AvatarModel, save_model
+from engine.model.avatar import AvatarModel, load_model, save_model
 from engine.model.dit import PRESETS
 
 
@@ -125,18 +125,25 @@ def train_ae(corpus, run_dir, steps=3000, batch=16, lr=1e-3, seed=0, preset="ref
 
 
 @torch.no_grad()
-def encode_corpus(corpus, run_dir, preset="ref-S"):
-    """Stage 2: fit latent statistics, encode every clip (and its reference) once."""
+def encode_corpus(corpus, run_dir, preset="ref-S", init=None):
+    """Stage 2: fit latent statistics, encode every clip (and its reference) once.
+
+    init: shipped weights to take the autoencoder from (latent statistics included) instead of RUN/ae.pt.
+    """
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     model = _model(preset)
-    state = torch.load(run_dir / "ae.pt", weights_only=False)
-    model.ae.load_state_dict(state["ae"])
+    if init is not None:
+        model.ae.load_state_dict(load_model(init).ae.state_dict())
+    else:
+        model.ae.load_state_dict(torch.load(run_dir / "ae.pt", weights_only=False)["ae"])
     ae = model.ae.eval()
     clips = load_corpus(corpus, keys=("frames", "ref"))
-    raw = [ae.encoder(ae.to_input(c["frames"][:: max(1, len(c["frames"]) // 8)])) for c in clips[:200]]
-    raw = torch.cat(raw)
-    ae.latent_mean.copy_(raw.mean((0, 2, 3)))
-    ae.latent_std.copy_(raw.std((0, 2, 3)) + 1e-5)
+    if init is None:
+        raw = [ae.encoder(ae.to_input(c["frames"][:: max(1, len(c["frames"]) // 8)])) for c in clips[:200]]
+        raw = torch.cat(raw)
+        ae.latent_mean.copy_(raw.mean((0, 2, 3)))
+        ae.latent_std.copy_(raw.std((0, 2, 3)) + 1e-5)
     out = {}
     for c in tqdm(clips, desc="encode", unit="clip"):
         z = torch.cat([ae.encode(ae.to_input(c["frames"][i:i + 64])) for i in range(0, len(c["frames"]), 64)])
@@ -183,8 +190,12 @@ class ChunkSampler:
                 torch.stack(opens), torch.stack(faces), torch.stack(persons))
 
 
-def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="ref-S", bf16=True):
-    """Stage 3: audio encoder + DiT, rectified flow matching with face-weighted loss and an openness aux loss."""
+def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="ref-S", bf16=True, init=None):
+    """Stage 3: audio encoder + DiT, rectified flow matching with face-weighted loss and an openness aux loss.
+
+    init: shipped weights to start the DiT and audio encoder from when RUN/dit.pt does not exist yet
+    (checkpoints stay out of git, so a later session continues from the shipped model).
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     run_dir = Path(run_dir)
@@ -196,6 +207,11 @@ def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="re
     params = list(model.dit.parameters()) + list(model.audio.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ck = Checkpointer(run_dir, "dit")
+    if init is not None and not ck.path.exists():
+        start = load_model(init)
+        model.dit.load_state_dict(start.dit.state_dict())
+        model.audio.load_state_dict(start.audio.state_dict())
+        print(f"DiT and audio encoder start from {init}")
     step = ck.resume({"dit": model.dit, "audio": model.audio}, opt)
     bar = tqdm(total=steps, initial=step, desc="train dit", unit="step")
     rows, t0 = [], time.time()

@@ -47,9 +47,9 @@ def cmd_train(a):
         if stage == "ae":
             train.train_ae(corpus, a.out, steps=a.ae_steps, preset=a.preset)
         elif stage == "latents":
-            train.encode_corpus(corpus, a.out, preset=a.preset)
+            train.encode_corpus(corpus, a.out, preset=a.preset, init=a.init)
         elif stage == "dit":
-            train.train_dit(corpus, a.out, steps=a.dit_steps, preset=a.preset)
+            train.train_dit(corpus, a.out, steps=a.dit_steps, preset=a.preset, init=a.init)
         elif stage == "expert":
             from engine.train_expert import train_expert
             train_expert(corpus, Path(a.out) / "lipsync_expert.safetensors", val_dir=a.val,
@@ -144,6 +144,8 @@ def build_parser():
     t.add_argument("--dit-steps", type=int, default=6000)
     t.add_argument("--expert-minutes", type=float, default=7.5)
     t.add_argument("--val", default=None, help="held-out corpus for the expert's validation")
+    t.add_argument("--init", default=None, help="continue from shipped weights (latents, dit stages), "
+                   "e.g. engine/weights/avatar.safetensors")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("render", help="audio file -> talking-portrait mp4, chunk by chunk as the live engine")

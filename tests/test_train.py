@@ -21,3 +21,9 @@ def test_train_stages_resume_and_export(tmp_path):
     train.export(run, run / "avatar.safetensors", preset="ref-XS")
     model = load_model(run / "avatar.safetensors")
     assert model.cfg.hidden == 192
+    # a later session continues from the shipped file (checkpoints stay out of git)
+    run2 = tmp_path / "run2"
+    train.encode_corpus(corpus, run2, preset="ref-XS", init=run / "avatar.safetensors")
+    cont = train.train_dit(corpus, run2, steps=1, batch=2, lr=0.0, preset="ref-XS", init=run / "avatar.safetensors")
+    for (k, a), b in zip(model.dit.state_dict().items(), cont.dit.state_dict().values()):
+        assert torch.allclose(a, b.float(), atol=1e-3), k  # lr 0: still the exported weights (fp16 storage)
