@@ -9,17 +9,9 @@ from engine.model.avatar import DEFAULT_WEIGHTS, AvatarModel, load_model
 from engine.model.dit import PRESETS, AvatarDiT
 from engine.sampler import sample, timesteps
 
+from dit_inputs import random_condition
+
 CFG = PRESETS["ref-XS"]
-
-
-def _cond(dit, b=1):
-    cfg = dit.cfg
-    ref = torch.randn(b, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    mot = torch.randn(b, cfg.motion_frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    audio = torch.randn(b, cfg.audio_frames * 2, cfg.audio_dim)
-    mask = torch.zeros(b, 128, 128)
-    mask[:, 60:100, 40:90] = 1
-    return dit.prepare(ref, mot, audio, mask, mask)
 
 
 def test_autoencoder_shapes():
@@ -35,7 +27,7 @@ def test_dit_shapes_and_patches():
     dit = AvatarDiT(CFG).eval()
     x = torch.randn(2, CFG.frames, CFG.latent_channels, CFG.latent_size, CFG.latent_size)
     assert torch.equal(dit.unpatchify(dit.patchify(x), CFG.frames), x)
-    v = dit(x, torch.rand(2), _cond(dit, 2))
+    v = dit(x, torch.rand(2), random_condition(dit, 2))
     assert v.shape == x.shape
 
 

@@ -11,20 +11,12 @@ from engine.sampler import timesteps
 from synccache import (BlockLayout, LayoutError, Schedule, ScheduleError, SyncCacheConfig, apply_synccache,
                        brute_force, error_curve, plan, reference_layout, weighted_rel_l1)
 
+from dit_inputs import random_condition
+
 torch.set_num_threads(1)
 CFG = PRESETS["ref-XS"]
 STEPS = 6
 BIG = SyncCacheConfig(threshold=1e9, warmup=1, max_reuse=100)  # reuse whenever allowed
-
-
-def _cond(dit, b=1):
-    cfg = dit.cfg
-    ref = torch.randn(b, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    mot = torch.randn(b, cfg.motion_frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    audio = torch.randn(b, cfg.audio_frames * 2, cfg.audio_dim)
-    mask = torch.zeros(b, 128, 128)
-    mask[:, 60:100, 40:90] = 1
-    return dit.prepare(ref, mot, audio, mask, mask)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def setup():
     with torch.no_grad():
         for p in dit.parameters():  # adaLN-Zero init makes every block the identity: randomise all
             p.normal_(0, 0.05)
-    cond = _cond(dit)
+    cond = random_condition(dit)
     noise = torch.randn(1, CFG.frames, CFG.latent_channels, CFG.latent_size, CFG.latent_size)
     return dit, cond, noise
 
