@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from engine.model.audio_encoder import FPS, SAMPLE_RATE, audio_window
-from engine.sampler import DEFAULT_STEPS, sample
+from engine.caching import cache_name
+from engine.sampler import DEFAULT_GUIDANCE, DEFAULT_NOISE_SCALE, DEFAULT_STEPS, sample
 
 
 @dataclass
@@ -40,13 +41,21 @@ def load_avatar(avatar_id) -> Avatar:
 class ChunkGenerator:
     """Generates one chunk of frames at a time for one avatar, carrying motion latents across chunks."""
 
-    def __init__(self, model, avatar: Avatar, steps=DEFAULT_STEPS, seed=0, shift=1.0, cache=None):
-        """cache: a synccache.SyncCacheConfig to accelerate the DiT (None: plain model)."""
+    def __init__(self, model, avatar: Avatar, steps=DEFAULT_STEPS, seed=0, shift=1.0, cache=None,
+                 guidance=DEFAULT_GUIDANCE, noise_scale=DEFAULT_NOISE_SCALE, fixed_noise=False):
+        """cache: a synccache.SyncCacheConfig or baselines.BaselineConfig (None: plain model).
+        guidance: classifier-free guidance scale on the audio (1.0 = off); noise_scale: the start noise's std.
+        fixed_noise: every chunk starts from the same noise (implied by a streaming cache).
+        """
         self.model, self.avatar, self.steps, self.shift = model, avatar, steps, shift
+        self.guidance, self.noise_scale = guidance, noise_scale
+        # SyncCache's streaming extension reuses residuals across chunks: every chunk starts from the same
+        # noise, so that a step's heavy-block inputs (mostly noise early on) match the previous chunk's
+        self.fixed_noise = fixed_noise or bool(getattr(cache, "stream", False))
         self.cache = None
         if cache is not None:
-            from synccache import apply_synccache, reference_layout
-            self.cache = apply_synccache(model.dit, cache, reference_layout(model.dit))
+            from engine.caching import attach
+            self.cache = attach(model.dit, cache)
         self.cfg = model.cfg
         self.seed = seed
         with torch.no_grad():
@@ -67,15 +76,20 @@ class ChunkGenerator:
     def cache_stats(self):
         """Denoising steps computed / reused so far (all steps computed without a cache)."""
         if self.cache is None:
-            return {"computed_steps": int(self.timer.get("steps", 0)), "reused_steps": 0}
+            return {"computed_steps": int(self.timer.get("steps", 0)), "reused_steps": 0, "cache_bytes": 0}
         st = self.cache.stats()
-        return {"computed_steps": st["computed_steps"], "reused_steps": st["reuse_steps"]}
+        return {"computed_steps": st["computed_steps"], "reused_steps": st["reuse_steps"],
+                "cache_bytes": int(st.get("peak_cache_bytes", st.get("cache_bytes", 0)))}
 
     def reset(self):
         """New utterance/session: motion restarts from the reference pose, the noise stream from the seed."""
         self.motion = self.ref_latent[:, None].repeat(1, self.cfg.motion_frames, 1, 1, 1)
         self.rng = torch.Generator().manual_seed(self.seed)
         self.timer = {"dit_ms": 0.0}
+        self.noise = None
+        self.chunks = 0
+        if self.cache is not None:
+            self.cache.reset(keep_stats=True)
 
     def audio_tokens(self, audio, start_frame):
         """Audio encoder tokens for the chunk starting at start_frame; audio: float tensor [S] 16 kHz."""
@@ -88,26 +102,31 @@ class ChunkGenerator:
         """Generate frames [start_frame, start_frame + W) -> uint8 [W, 128, 128, 3]."""
         cfg, model = self.cfg, self.model
         cond = model.dit.prepare(self.ref_latent, self.motion, self.audio_tokens(audio, start_frame),
-                                 self.face_mask, self.person_mask)
+                                 self.face_mask, self.person_mask, null_audio=self.guidance != 1.0)
         shape = (1, cfg.frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        noise = torch.randn(shape, generator=self.rng)
-        if self.cache is not None:
-            self.cache.reset(keep_stats=True)  # residuals belong to one chunk
-        z = sample(model.dit, cond, noise, self.steps, self.shift, timer=self.timer)
+        if self.noise is None or not self.fixed_noise:
+            self.noise = torch.randn(shape, generator=self.rng) * self.noise_scale
+        if self.cache is not None and self.chunks > 0:  # residuals belong to one chunk (stream: banked)
+            self.cache.reset(keep_stats=True, next_chunk=True)
+        self.chunks += 1
+        noise = self.noise
+        z = sample(model.dit, cond, noise, self.steps, self.shift, timer=self.timer, guidance=self.guidance)
         self.motion = z[:, -cfg.motion_frames:]
         return model.ae.to_uint8(model.ae.decode(z[0], self.ref_feats))
 
 
-def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=False, cache=None):
+def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=False, cache=None,
+                  guidance=DEFAULT_GUIDANCE, noise_scale=DEFAULT_NOISE_SCALE):
     """Audio (float32 16 kHz mono) -> (frames uint8 [T,128,128,3], stats dict), T = ceil(audio_s * 25).
 
-    cache: None (plain model) or a synccache.SyncCacheConfig.
+    cache: None (plain model) or a synccache.SyncCacheConfig; guidance, noise_scale: see ChunkGenerator.
     """
     t_start = time.perf_counter()
     audio_t = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     audio_s = len(audio) / SAMPLE_RATE
     total = max(1, math.ceil(audio_s * FPS))
-    gen = ChunkGenerator(model, avatar, steps=steps, seed=seed, cache=cache)
+    gen = ChunkGenerator(model, avatar, steps=steps, seed=seed, cache=cache, guidance=guidance,
+                         noise_scale=noise_scale)
     w = model.cfg.frames
     chunks = math.ceil(total / w)
     it = range(chunks)
@@ -122,7 +141,7 @@ def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=Fa
     frames = np.concatenate(frames)[:total]
     total_ms = (time.perf_counter() - t_start) * 1000
     stats = {"frames": int(total), "chunks": chunks, "audio_s": round(audio_s, 4), "steps": steps,
-             "dit_ms": round(gen.timer["dit_ms"], 1), "total_ms": round(total_ms, 1),
+             "guidance": guidance, "dit_ms": round(gen.timer["dit_ms"], 1), "total_ms": round(total_ms, 1),
              "rtf": round(total_ms / 1000 / audio_s, 4) if audio_s > 0 else None,
-             "cache": "none" if cache is None else "synccache"} | cache_stats
+             "cache": cache_name(cache)} | cache_stats
     return frames, stats

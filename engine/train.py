@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.model.audio_encoder import SAMPLES_PER_FRAME, audio_window
+from engine.model.audio_encoder import audio_window
 from engine.model.avatar import AvatarModel, load_model, save_model
 from engine.model.dit import PRESETS
 
@@ -190,8 +190,15 @@ class ChunkSampler:
                 torch.stack(opens), torch.stack(faces), torch.stack(persons))
 
 
-def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="ref-S", bf16=True, init=None):
-    """Stage 3: audio encoder + DiT, rectified flow matching with face-weighted loss and an openness aux loss.
+def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="ref-S", bf16=True, init=None,
+              audio_drop=0.1, motion_noise=0.25):
+    """Stage 3: audio encoder + DiT, rectified flow matching with a face- and motion-weighted loss and an
+    openness aux loss.
+
+    audio_drop: fraction of samples trained with null audio tokens (all zeros), so the sampler can use
+    classifier-free guidance on the audio. motion_noise: the largest noise added to the motion latents
+    (relative to their unit scale): at inference they come from generated chunks, and a model that can
+    copy clean motion frames learns to extrapolate the mouth instead of listening.
 
     init: shipped weights to start the DiT and audio encoder from when RUN/dit.pt does not exist yet
     (checkpoints stay out of git, so a later session continues from the shipped model).
@@ -219,20 +226,24 @@ def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="re
     while step < steps:
         x0, mot, ref, aud, opn, face, person = data.batch(batch)
         # the motion latents at inference come from generated chunks: make the model tolerate small errors
-        mot = mot + torch.rand(batch, 1, 1, 1, 1) * 0.1 * torch.randn_like(mot)
+        mot = mot + torch.rand(batch, 1, 1, 1, 1) * motion_noise * torch.randn_like(mot)
         t = torch.sigmoid(torch.randn(batch))  # logit-normal times
         noise = torch.randn_like(x0)
         xt = (1 - t)[:, None, None, None, None] * x0 + t[:, None, None, None, None] * noise
         tokens = model.audio(aud)
+        keep = (torch.rand(batch, 1, 1) >= audio_drop).float()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            cond = dit.prepare(ref, mot, tokens, face, person)
+            cond = dit.prepare(ref, mot, tokens * keep, face, person)
             v = dit(xt, t, cond)
             aux_pred = model.audio.frame_openness(tokens)
         v = v.float()
         err = (v - (noise - x0)).pow(2).mean(2)  # [B, W, H, W]
         fm = F.interpolate(face[:, None], size=err.shape[-2:], mode="area")  # [B,1,H,W]
-        loss = (err * (1 + 4 * (fm * 4).clamp(0, 1))).mean()
-        aux = F.mse_loss(aux_pred.float(), opn)
+        # what moves away from the reference (mouth, lids, sway) is small in area: weight it up
+        moving = (x0 - ref[:, None]).abs().mean(2)  # [B, W, H, W]
+        moving = moving / moving.amax((1, 2, 3), keepdim=True).clamp_min(1e-6)
+        loss = (err * (1 + 4 * (fm * 4).clamp(0, 1) + 8 * moving)).mean()
+        aux = F.mse_loss(aux_pred.float(), opn)  # on the encoder's own tokens, never dropped
         total = loss + 0.5 * aux
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr)

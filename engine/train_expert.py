@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.lipsync import (CONTEXT, MOUTH_COLS, MOUTH_ROWS, LipSyncExpert, audio_openness, pearson,
-                            peak_corr, save_expert, video_openness)
+                            peak_corr, save_expert)
 
 SHIFT = 3  # max random crop shift of the mouth box, px
 R0, R1 = MOUTH_ROWS[0] - SHIFT, MOUTH_ROWS[1] + SHIFT

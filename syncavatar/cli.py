@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from engine.caching import METHODS as CACHE_METHODS
+
 EXIT_USAGE = 2
 
 
@@ -49,7 +51,7 @@ def cmd_train(a):
         elif stage == "latents":
             train.encode_corpus(corpus, a.out, preset=a.preset, init=a.init)
         elif stage == "dit":
-            train.train_dit(corpus, a.out, steps=a.dit_steps, preset=a.preset, init=a.init)
+            train.train_dit(corpus, a.out, steps=a.dit_steps, preset=a.preset, init=a.init, lr=a.dit_lr)
         elif stage == "expert":
             from engine.train_expert import train_expert
             train_expert(corpus, Path(a.out) / "lipsync_expert.safetensors", val_dir=a.val,
@@ -80,14 +82,16 @@ def cmd_render(a):
     if a.steps < 1:
         raise UserError("--steps must be >= 1")
     model = load_model(a.weights or cfg.path(cfg.model.weights))
-    cache = None
-    if a.cache == "synccache":
-        from synccache import SyncCacheConfig
-        cache = SyncCacheConfig(**({"threshold": a.cache_threshold} if a.cache_threshold is not None else {}))
-    elif a.cache_threshold is not None:
-        raise UserError("--cache-threshold needs --cache synccache")
+    from engine.caching import cache_config
+    try:
+        cache = cache_config(a.cache, a.steps, a.cache_threshold, schedule=cfg.path(cfg.cache.schedule),
+                             calibration=cfg.path(cfg.cache.calibration),
+                             stream_schedule=cfg.path(cfg.cache.stream_schedule))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    guidance = a.guidance if a.guidance is not None else cfg.model.guidance
     frames, stats = render_frames(model, avatar, audio, steps=a.steps, seed=a.seed, progress=not a.quiet,
-                                  cache=cache)
+                                  cache=cache, guidance=guidance, noise_scale=cfg.model.noise_scale)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(out, frames, 25, audio, 16000)
@@ -97,6 +101,45 @@ def cmd_render(a):
     if a.json:
         Path(a.json).write_text(json.dumps(stats, indent=1))
     print(json.dumps(stats))
+
+
+# -------------------------------------------------------------------------------------- calibrate
+def cmd_calibrate(a):
+    from engine.calibrate import calibrate
+    from engine.model.avatar import load_model
+    cfg = _config(a)
+    steps = a.steps if a.steps is not None else cfg.model.steps
+    if steps < 2:
+        raise UserError("--steps must be >= 2")
+    model = load_model(a.weights or cfg.path(cfg.model.weights))
+    try:
+        summary = calibrate(model, a.out, steps, a.budget, clips=a.clips, corpus=a.corpus,
+                            reuse_fraction=a.reuse_fraction, error_bound=a.error_bound, max_run=a.max_run,
+                            guidance=cfg.model.guidance, noise_scale=cfg.model.noise_scale, plot=a.plot,
+                            stream_out=a.stream_out or None, peers_out=a.peers_out or None,
+                            progress=not a.quiet)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(summary))
+
+
+# ------------------------------------------------------------------------------------------ bench
+def cmd_bench(a):
+    from engine.bench import bench_cache, default_sweep, pareto_plot, print_table, write_json
+    from engine.model.avatar import load_model
+    cfg = _config(a)
+    model = load_model(a.weights or cfg.path(cfg.model.weights))
+    try:
+        methods = default_sweep(cfg.model.steps, cfg.path(cfg.cache.schedule), cfg.path(cfg.cache.calibration),
+                                cfg.path(cfg.cache.stream_schedule), only=a.methods.split(",") if a.methods else None)
+        result = bench_cache(model, methods, corpus=a.corpus, clips=a.clips, progress=not a.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    if a.json:
+        write_json(result, a.json)
+    if a.plot:
+        pareto_plot(result, a.plot)
+    print_table(result)
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -142,6 +185,7 @@ def build_parser():
     t.add_argument("--preset", default="ref-S")
     t.add_argument("--ae-steps", type=int, default=3000)
     t.add_argument("--dit-steps", type=int, default=6000)
+    t.add_argument("--dit-lr", type=float, default=3e-4, help="peak learning rate of the dit stage")
     t.add_argument("--expert-minutes", type=float, default=7.5)
     t.add_argument("--val", default=None, help="held-out corpus for the expert's validation")
     t.add_argument("--init", default=None, help="continue from shipped weights (latents, dit stages), "
@@ -154,15 +198,51 @@ def build_parser():
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=None)
     r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--guidance", type=float, default=None, help="audio guidance scale (1.0 = off)")
     r.add_argument("--config", default=None, help="TOML config (default configs/default.toml)")
     r.add_argument("--json", default=None, help="write stats JSON here")
     r.add_argument("--frames-out", default=None, help="save the exact RGB frames as .npy (T x H x W x 3)")
     r.add_argument("--weights", default=None)
-    r.add_argument("--cache", default="none", choices=["none", "synccache"],
-                   help="accelerate the DiT with SyncCache (issue 3, in progress: not yet calibrated)")
-    r.add_argument("--cache-threshold", type=float, default=None)
+    r.add_argument("--cache", default="none", choices=list(CACHE_METHODS),
+                   help="DiT cache (default none: the plain model)")
+    r.add_argument("--cache-threshold", type=float, default=None,
+                   help="synccache (probe online instead of the schedule), teacache, fbcache, magcache: the "
+                        "reuse threshold; fora, deepcache: the interval N")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_render)
+
+    c = sub.add_parser("calibrate", help="measure span reuse errors, solve the SyncCache schedule (DP)")
+    c.add_argument("--steps", type=int, default=None, help="sampler steps (default from the config)")
+    c.add_argument("--budget", default="4", help="spans that may keep residuals: a count, or bytes (512K, 1M)")
+    c.add_argument("--out", default="configs/synccache/ref-XS.json")
+    c.add_argument("--clips", type=int, default=4, help="calibration clips (train split, made on the fly)")
+    c.add_argument("--corpus", default=None, help="take calibration clips from this corpus dir instead")
+    c.add_argument("--reuse-fraction", type=float, default=0.75,
+                   help="fraction of the budgeted span-steps to reuse (the least-error plan is chosen)")
+    c.add_argument("--error-bound", type=float, default=None, help="instead: most reuses with error <= this")
+    c.add_argument("--max-run", type=int, default=None, help="most consecutive reuses of one span")
+    c.add_argument("--plot", default=None, help="heat map PNG of the errors and the chosen steps")
+    c.add_argument("--stream-out", default="configs/synccache/ref-XS-stream.json",
+                   help="also solve the streaming extension's schedule (cross-chunk reuse); '' to skip")
+    c.add_argument("--peers-out", default="configs/synccache/peers.json",
+                   help="also calibrate TeaCache and MagCache for the benchmark; '' to skip")
+    c.add_argument("--weights", default=None)
+    c.add_argument("--config", default=None)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="what", required=True)
+    bc = bsub.add_parser("cache", help="every cache method at several settings vs uncached, on held-out clips")
+    bc.add_argument("--clips", type=int, default=6)
+    bc.add_argument("--corpus", default="data/heldout")
+    bc.add_argument("--methods", default=None, help="comma-separated subset, e.g. synccache,fora")
+    bc.add_argument("--json", default=None)
+    bc.add_argument("--plot", default=None, help="speed-quality Pareto PNG")
+    bc.add_argument("--weights", default=None)
+    bc.add_argument("--config", default=None)
+    bc.add_argument("--quiet", action="store_true")
+    bc.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", help="lip-sync metrics of a video (sync_conf, offset_frames, env_corr)")
     e.add_argument("--video", default=None)

@@ -17,8 +17,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     weights: str = "engine/weights/avatar.safetensors"
     expert: str = "engine/weights/lipsync_expert.safetensors"
-    steps: int = 25
+    steps: int = 20  # Euler steps per chunk
     seed: int = 0
+    guidance: float = 3.0  # classifier-free guidance on the audio; 1.0 = off (half the DiT batch)
+    noise_scale: float = 0.7  # std of the start noise
 
 
 @dataclass
@@ -27,9 +29,18 @@ class EngineConfig:
 
 
 @dataclass
+class CacheConfig:
+    method: str = "synccache"  # what the live engine uses; `render` is uncached unless --cache is given
+    schedule: str = "configs/synccache/ref-XS.json"  # SyncCache's offline DP schedule
+    stream_schedule: str = "configs/synccache/ref-XS-stream.json"  # synccache-stream's schedule
+    calibration: str = "configs/synccache/peers.json"  # TeaCache / MagCache calibration
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def path(self, p: str) -> Path:
         """Resolve a path from the config relative to the repository root."""
@@ -43,7 +54,9 @@ def _section(cls, data: dict, name: str):
         if k not in known:
             raise ConfigError(f"unknown key [{name}] {k}")
         want = type(getattr(cls(), k))
-        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            data = data | {k: float(v)}
+        elif not isinstance(v, want) or (want is int and isinstance(v, bool)):
             raise ConfigError(f"[{name}] {k} must be {want.__name__}, got {v!r}")
     return cls(**data)
 
@@ -56,7 +69,7 @@ def load_config(path=DEFAULT_CONFIG) -> Config:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config is not valid TOML ({e}): {path}") from None
-    sections = {"model": ModelConfig, "engine": EngineConfig}
+    sections = {"model": ModelConfig, "engine": EngineConfig, "cache": CacheConfig}
     for k in data:
         if k not in sections:
             raise ConfigError(f"unknown section [{k}] in {path}")

@@ -19,6 +19,10 @@ class SyncCacheConfig:
     cache_bytes: cap on the bytes of stored residuals; spans that do not fit are always computed.
     schedule: a fixed offline plan (Schedule or path to its JSON); the hooks follow it with no probe,
       ignoring threshold / warmup / max_reuse; the budget above still applies.
+    stream: streaming extension (beyond the paper): follow the schedule's `cross` steps, reusing residuals
+      banked at the same step of the previous chunk (the caller resets with next_chunk=True between
+      chunks of one session and starts every chunk from the same noise).
+    stream_refresh: most consecutive chunks one banked residual may serve before it is recomputed.
     """
     enabled: bool = True
     threshold: float = 0.15
@@ -28,12 +32,18 @@ class SyncCacheConfig:
     cache_ratio: float = 1.0
     cache_bytes: Optional[int] = None
     schedule: Optional[Union[Schedule, str, Path]] = None
+    stream: bool = False
+    stream_refresh: int = 4
 
     def __post_init__(self):
         if isinstance(self.schedule, (str, Path)):
             self.schedule = Schedule.load(self.schedule)
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise ValueError(f"schedule must be a Schedule or a path, got {type(self.schedule).__name__}")
+        if self.stream and (self.schedule is None or self.schedule.cross is None):
+            raise ValueError("stream=True needs a schedule with 'cross' steps (syncavatar calibrate --stream)")
+        if self.stream_refresh < 1:
+            raise ValueError(f"stream_refresh must be >= 1, got {self.stream_refresh}")
         if self.threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
         if self.warmup < 0 or self.max_reuse < 0:

@@ -6,6 +6,9 @@ One model forward = one denoising step. Per step:
   added to an accumulator that is cleared on every full step. The step reuses if the sum stays below the
   threshold, warmup is over, and fewer than max_reuse reuse steps precede it in a row.
 - schedule mode: a fixed offline plan says which spans are bypassed at which step; no probe runs.
+- streaming extension (config.stream, schedule mode): where the plan says `cross`, a span is bypassed with
+  the residual it stored at the same step of the previous chunk (reset(next_chunk=True) carries them
+  over); a carried residual is used for at most `stream_refresh` chunks in a row, then recomputed.
 On a reuse step, each cached span's first block returns (input + the residual stored on its last
 computed step) and its other blocks pass their input through without running. Audio blocks are never
 touched: the model calls them as usual, on the current hidden state, at every step. On a computed step
@@ -28,8 +31,9 @@ from synccache.config import SyncCacheConfig
 from synccache.layout import BlockLayout, LayoutError
 from synccache.probe import weighted_rel_l1
 from synccache.schedule import ScheduleError
+from synccache.wrap import unwrap, wrap_forward
 
-COMPUTE, REUSE = "compute", "reuse"
+COMPUTE, REUSE, CROSS = "compute", "reuse", "cross"
 
 
 def _hidden(i, args, kwargs):
@@ -52,9 +56,12 @@ class _State:
         self.active = None  # spans allowed to keep residuals, resolved at the first heavy call
         self.anchor = None  # probe output of the last fully computed step
         self.acc, self.run = 0.0, 0
+        self.bank, self.prev_bank = {}, {}  # stream: (span, step) -> (residual, age in chunks)
 
     def cache_bytes(self):
-        return sum(r.numel() * r.element_size() for r in self.res if r is not None)
+        held = [r for r in self.res if r is not None] + [r for r, _ in self.bank.values()]
+        held += [r for r, _ in self.prev_bank.values()]
+        return sum(r.numel() * r.element_size() for r in {id(r): r for r in held}.values())
 
 
 class _Stats:
@@ -62,7 +69,7 @@ class _Stats:
 
     def __init__(self, n_spans):
         self.steps = self.reuse_steps = self.audio_calls = self.peak_bytes = 0
-        self.computed, self.reused = [0] * n_spans, [0] * n_spans
+        self.computed, self.reused, self.crossed = [0] * n_spans, [0] * n_spans, [0] * n_spans
         self.probe_error, self.accumulated, self.decisions = [], [], []
 
 
@@ -126,6 +133,12 @@ class SyncCacheHandle:
         st.mode = [COMPUTE] * len(self.spans)
         if cfg.enabled and cfg.schedule is not None:
             st.mode = [REUSE if cfg.schedule.reuses(s, st.step) else COMPUTE for s in range(len(self.spans))]
+            if cfg.stream:
+                for s in range(len(self.spans)):
+                    carried = st.prev_bank.get((s, st.step))
+                    if cfg.schedule.crosses(s, st.step) and carried is not None \
+                            and carried[1] < cfg.stream_refresh:
+                        st.mode[s] = CROSS
 
     def _end(self, module, args, output):
         """Model forward hook (always called): count the step, drop references to its inputs."""
@@ -136,10 +149,13 @@ class SyncCacheHandle:
         for s, m in enumerate(st.mode):
             if m == REUSE:
                 stats.reused[s] += 1
+            elif m == CROSS:
+                stats.crossed[s] += 1
             else:
                 stats.computed[s] += 1
-        stats.reuse_steps += REUSE in st.mode
-        stats.decisions.append("R" if REUSE in st.mode else "C")
+        bypassed = REUSE in st.mode or CROSS in st.mode
+        stats.reuse_steps += bypassed
+        stats.decisions.append("R" if bypassed else "C")
 
     def _decide(self, probe_out):
         """After the probe block: compute or reuse this step (probe mode only)."""
@@ -176,6 +192,18 @@ class SyncCacheHandle:
             return out
         first, last = self.cacheable[s]
         cached = s in st.active
+        if st.mode[s] == CROSS:
+            if not cached:
+                st.mode[s] = COMPUTE
+            elif i == first:
+                r, age = st.prev_bank[(s, st.step)]
+                if r.shape == x.shape:
+                    st.res[s] = r  # later in-chunk reuses continue from it
+                    st.bank[(s, st.step)] = (r, age + 1)
+                    return x + r
+                st.mode[s] = COMPUTE
+            else:
+                return x
         if i == first and st.mode[s] == REUSE:
             r = st.res[s]
             if cached and r is not None and r.shape == x.shape:
@@ -190,6 +218,8 @@ class SyncCacheHandle:
             if not isinstance(out, torch.Tensor) or out.shape != st.inp[s].shape:
                 raise LayoutError(f"heavy block {i} must return a tensor shaped like its input")
             self._store(s, (out - st.inp[s]).detach())
+            if self.config.stream and self.config.schedule.crosses(s, st.step) and st.res[s] is not None:
+                st.bank[(s, st.step)] = (st.res[s], 0)
             st.inp[s] = None
         return out
 
@@ -199,22 +229,24 @@ class SyncCacheHandle:
     # --- attach / detach ---------------------------------------------------------------------------
     def _attach(self):
         for i, block in enumerate(self.layout.heavy):
-            prev = block.__dict__.get("forward")
-            forward = block.forward  # bound method (or an earlier instance-level wrapper)
-
-            def wrapper(*args, _i=i, _f=forward, **kwargs):
-                return self._heavy(_i, _f, args, kwargs)
-            wrapper._synccache = True
-            block.forward = wrapper
-            self._wrapped.append((block, prev, wrapper))
+            self._wrapped.append(wrap_forward(block, lambda f, *a, _i=i, **k: self._heavy(_i, f, a, k)))
         self._hooks.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._end, always_call=True))
         for blk in self.layout.audio:
             self._hooks.append(blk.register_forward_pre_hook(self._count_audio))
 
-    def reset(self, keep_stats: bool = False) -> None:
-        """Forget residuals and probe state (new sample or chunk); stats too unless keep_stats."""
+    def reset(self, keep_stats: bool = False, next_chunk: bool = False) -> None:
+        """Forget residuals and probe state (new sample or chunk); stats too unless keep_stats.
+
+        next_chunk (streaming extension): the next sample is the next chunk of the same session, so the
+        residuals this chunk banked for `cross` steps are kept for it.
+        """
+        bank = self.state.bank if next_chunk and self.config.stream else {}
+        active = self.state.active
         self.state = _State(len(self.spans))
+        self.state.prev_bank = bank
+        if bank:
+            self.state.active = active
         if not keep_stats:
             self._stats = _Stats(len(self.spans))
 
@@ -222,13 +254,7 @@ class SyncCacheHandle:
         """Detach everything: the model's modules are as they were before apply_synccache."""
         if self._removed:
             return
-        for block, prev, wrapper in self._wrapped:
-            if block.__dict__.get("forward") is not wrapper:
-                raise RuntimeError(f"{type(block).__name__}.forward was replaced after SyncCache was applied")
-            if prev is None:
-                del block.__dict__["forward"]
-            else:
-                block.__dict__["forward"] = prev
+        unwrap(self._wrapped)
         for h in self._hooks:
             h.remove()
         self._wrapped, self._hooks, self._removed = [], [], True
@@ -239,11 +265,12 @@ class SyncCacheHandle:
         st, ss = self.state, self._stats
         active = st.active if st.active is not None else self._candidates
         return {
-            "mode": "off" if not self.config.enabled else ("probe" if self.probing else "schedule"),
+            "mode": "off" if not self.config.enabled else ("probe" if self.probing else
+                                                            "schedule+stream" if self.config.stream else "schedule"),
             "steps": ss.steps, "reuse_steps": ss.reuse_steps, "computed_steps": ss.steps - ss.reuse_steps,
             "decisions": "".join(ss.decisions),
             "spans": [{"blocks": list(b), "cacheable": list(c) if c else None, "cached": s in active,
-                       "computed": ss.computed[s], "reused": ss.reused[s]}
+                       "computed": ss.computed[s], "reused": ss.reused[s], "crossed": ss.crossed[s]}
                       for s, (b, c) in enumerate(zip(self.spans, self.cacheable))],
             "cached_spans": list(active),
             "probe_error": list(ss.probe_error), "accumulated_error": list(ss.accumulated),
@@ -264,8 +291,9 @@ def apply_synccache(model: nn.Module, config: Optional[SyncCacheConfig], layout:
     layout.validate()
     layout.check_model(model)
     for i, block in enumerate(layout.heavy):
-        if getattr(block.__dict__.get("forward"), "_synccache", False):
-            raise RuntimeError(f"SyncCache is already applied (heavy block {i}); remove() it first")
+        f = block.__dict__.get("forward")
+        if getattr(f, "_synccache", False) or getattr(f, "_baseline", False):
+            raise RuntimeError(f"a cache is already applied (heavy block {i}); remove() it first")
     sched = config.schedule
     if sched is not None:
         spans = [list(p) for p in layout.spans()]

@@ -33,15 +33,32 @@ class ScheduleError(ValueError):
 
 @dataclass
 class Schedule:
-    """reuse[s][t]: bypass span s at step t; a span is cached iff it is reused at some step."""
+    """reuse[s][t]: bypass span s at step t; a span is cached iff it is reused at some step.
+
+    cross[s][t] (streaming extension, optional): on a step the plan computes, bypass span s with the
+    residual span s stored at the same step t of the previous chunk instead (needs SyncCacheConfig(stream=
+    True) and the same start noise in every chunk; the first chunk of a session computes these steps).
+    """
     reuse: list
     spans: Optional[list] = None  # the layout's span block ranges [[first, last], ...], checked on apply
     error: Optional[float] = None  # predicted total error of the plan
     meta: dict = field(default_factory=dict)
+    cross: Optional[list] = None
 
     def __post_init__(self):
         self.reuse = [[bool(v) for v in row] for row in self.reuse]
         _check_reuse(self.reuse, len(self.reuse[0]) if self.reuse else 0)
+        if self.cross is not None:
+            self.cross = [[bool(v) for v in row] for row in self.cross]
+            if len(self.cross) != len(self.reuse) or any(len(r) != self.steps for r in self.cross):
+                raise ScheduleError(f"'cross' must be {len(self.reuse)} rows of {self.steps} steps like 'reuse'")
+            for s, (rr, cr) in enumerate(zip(self.reuse, self.cross)):
+                if any(a and b for a, b in zip(rr, cr)):
+                    raise ScheduleError(f"span {s} is marked both reuse and cross at the same step")
+
+    def crosses(self, span: int, step: int) -> bool:
+        """True if the plan takes span's residual from the previous chunk at this step."""
+        return self.cross is not None and 0 <= step < self.steps and self.cross[span][step]
 
     @property
     def steps(self) -> int:
@@ -53,20 +70,28 @@ class Schedule:
 
     @property
     def cached_spans(self) -> list:
-        return [s for s, row in enumerate(self.reuse) if any(row)]
+        cross = self.cross or [[]] * self.num_spans
+        return [s for s, row in enumerate(self.reuse) if any(row) or any(cross[s])]
 
     @property
     def reuse_count(self) -> int:
         return sum(map(sum, self.reuse))
+
+    @property
+    def cross_count(self) -> int:
+        return sum(map(sum, self.cross)) if self.cross is not None else 0
 
     def reuses(self, span: int, step: int) -> bool:
         """True if the plan bypasses span at step (False beyond the planned steps)."""
         return 0 <= step < self.steps and self.reuse[span][step]
 
     def to_dict(self) -> dict:
-        return {"version": SCHEDULE_VERSION, "steps": self.steps, "num_spans": self.num_spans,
-                "spans": self.spans, "reuse": [[int(v) for v in row] for row in self.reuse],
-                "error": self.error, "meta": self.meta}
+        d = {"version": SCHEDULE_VERSION, "steps": self.steps, "num_spans": self.num_spans,
+             "spans": self.spans, "reuse": [[int(v) for v in row] for row in self.reuse],
+             "error": self.error, "meta": self.meta}
+        if self.cross is not None:
+            d["cross"] = [[int(v) for v in row] for row in self.cross]
+        return d
 
     @classmethod
     def from_dict(cls, d) -> "Schedule":
@@ -101,7 +126,11 @@ class Schedule:
         meta = d.get("meta") or {}
         if not isinstance(meta, dict):
             raise ScheduleError("'meta' must be an object")
-        return cls(reuse=reuse, spans=spans, error=error, meta=meta)
+        cross = d.get("cross")
+        if cross is not None and (not isinstance(cross, list) or not all(
+                isinstance(r, list) and all(v in (0, 1) for v in r) for r in cross)):
+            raise ScheduleError("'cross' must be per-span lists of 0/1")
+        return cls(reuse=reuse, spans=spans, error=error, meta=meta, cross=cross)
 
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")

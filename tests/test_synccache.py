@@ -11,7 +11,7 @@ from engine.sampler import timesteps
 from synccache import (BlockLayout, LayoutError, Schedule, ScheduleError, SyncCacheConfig, apply_synccache,
                        brute_force, error_curve, plan, reference_layout, weighted_rel_l1)
 
-from dit_inputs import random_condition
+from dit_inputs import random_setup
 
 torch.set_num_threads(1)
 CFG = PRESETS["ref-XS"]
@@ -21,15 +21,8 @@ BIG = SyncCacheConfig(threshold=1e9, warmup=1, max_reuse=100)  # reuse whenever 
 
 @pytest.fixture(scope="module")
 def setup():
-    """A ref-XS DiT with random (non-zero) weights, a chunk condition and noise."""
-    torch.manual_seed(0)
-    dit = AvatarDiT(CFG).eval()
-    with torch.no_grad():
-        for p in dit.parameters():  # adaLN-Zero init makes every block the identity: randomise all
-            p.normal_(0, 0.05)
-    cond = random_condition(dit)
-    noise = torch.randn(1, CFG.frames, CFG.latent_channels, CFG.latent_size, CFG.latent_size)
-    return dit, cond, noise
+    """A random-weight DiT, a chunk condition and noise."""
+    return random_setup(CFG, seed=0)
 
 
 @torch.no_grad()
@@ -94,7 +87,8 @@ def test_large_threshold_reuses_and_counts(setup):
         assert s["decisions"] == "CCRRCR"  # warmup 2, then at most 2 reuses in a row
         assert s["steps"] == STEPS and s["reuse_steps"] == 3 and s["computed_steps"] == 3
         assert s["cached_spans"] == [0, 1, 2, 3]
-        assert s["spans"][0] == {"blocks": [0, 1], "cacheable": [1, 1], "cached": True, "computed": 3, "reused": 3}
+        assert s["spans"][0] == {"blocks": [0, 1], "cacheable": [1, 1], "cached": True, "computed": 3, "reused": 3,
+                                    "crossed": 0}
         assert len(s["probe_error"]) == STEPS and s["probe_error"][0] is None
         assert all(e > 0 for e in s["probe_error"][1:])
         tokens = CFG.frames * CFG.tokens_per_frame + (1 + CFG.motion_frames) * CFG.tokens_per_frame

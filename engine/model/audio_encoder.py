@@ -1,7 +1,6 @@
 """Audio features for the DiT: log-mel (torch) -> small conv encoder -> 2 audio tokens per video frame."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.audio import LogMel
 

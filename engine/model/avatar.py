@@ -3,7 +3,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 

@@ -246,12 +246,19 @@ class AvatarDiT(nn.Module):
         tok = (frac * 4).clamp(0, 1)
         return tok.repeat(1, cfg.frames)[..., None]
 
-    def prepare(self, ref_latent, motion_latents, audio_tokens, face_mask, person_mask=None):
+    def prepare(self, ref_latent, motion_latents, audio_tokens, face_mask, person_mask=None, null_audio=False):
         """Build the ChunkCondition.
 
         ref_latent [B, C, H, W]; motion_latents [B, M, C, H, W]; audio_tokens [B, A, Da];
         face_mask / person_mask [B, 128, 128] of the reference portrait.
+        null_audio: also build each sample's twin with null audio (all-zero tokens, as audio dropout
+        trains), for classifier-free guidance: the condition's batch is then [B with audio; B null].
         """
+        if null_audio:
+            audio_tokens = torch.cat([audio_tokens, torch.zeros_like(audio_tokens)])
+            ref_latent, motion_latents = torch.cat([ref_latent] * 2), torch.cat([motion_latents] * 2)
+            face_mask = torch.cat([face_mask] * 2)
+            person_mask = None if person_mask is None else torch.cat([person_mask] * 2)
         ref = self._frame_tokens(self.cond_embed(self.patchify(ref_latent[:, None])), 0, 1)
         mot = self._frame_tokens(self.cond_embed(self.patchify(motion_latents)), 1, self.cfg.motion_frames)
         kv = [blk.project_audio(audio_tokens) for blk in self.audio_blocks]

@@ -1,0 +1,163 @@
+"""`syncavatar bench cache`: every cache method at several settings on held-out clips, against uncached.
+
+For each clip the uncached render comes first, then every method/setting in turn (interleaved: one
+clip at a time, all methods, so machine noise hits them alike). Per method and setting, over clips:
+- `speedup`: median over clips of uncached DiT time / the method's DiT time (same process, same clip);
+- `rtf`: median generation time / audio duration;
+- `psnr`, `ssim`: frames vs the uncached frames (mean over frames, then clips);
+- `sync_conf`, `offset_frames`: the lip-sync expert on the method's frames with the clip's audio;
+- `computed_steps`, `reused_steps`, `cache_bytes`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of uint8 frame stacks (over all pixels); 100 when identical."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 100.0 if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM over frames of uint8 [T, H, W, 3] stacks (scikit-image)."""
+    from skimage.metrics import structural_similarity
+    return float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=255) for x, y in zip(a, b)]))
+
+
+def load_clips(corpus, n):
+    files = sorted(Path(corpus).glob("clip_*.npz"))[:n]
+    if not files:
+        raise FileNotFoundError(f"no clip_*.npz in {corpus}")
+    return [dict(np.load(f)) for f in files]
+
+
+def bench_cache(model, methods, corpus="data/heldout", clips=6, progress=True) -> dict:
+    """methods: list of (name, label, cache config or None). Returns {"rows": [...], "clips": [...]}."""
+    from tqdm import tqdm
+
+    from engine.generator import Avatar, render_frames
+    from engine.lipsync import evaluate_arrays
+    data = load_clips(corpus, clips)
+    per = {label: [] for _, label, _ in methods}
+    bar = tqdm(total=len(data) * (1 + len(methods)), desc="bench cache", unit="render", disable=not progress)
+    for c in data:
+        avatar = Avatar("bench", c["ref"], c["ref_person_mask"].astype(bool), c["ref_face_mask"].astype(bool))
+        base, base_stats = render_frames(model, avatar, c["audio"])
+        bar.update(1)
+        for name, label, cache in methods:
+            t0 = time.perf_counter()
+            frames, stats = render_frames(model, avatar, c["audio"], cache=cache)
+            wall = time.perf_counter() - t0
+            lip = evaluate_arrays(frames, c["audio"])
+            per[label].append({
+                "method": name, "speedup": base_stats["dit_ms"] / max(stats["dit_ms"], 1e-6),
+                "rtf": stats["rtf"], "base_rtf": base_stats["rtf"], "wall_s": wall,
+                "psnr": psnr(frames, base), "ssim": ssim(frames, base),
+                "sync_conf": lip["sync_conf"], "offset_frames": lip["offset_frames"],
+                "computed_steps": stats.get("computed_steps"), "reused_steps": stats.get("reused_steps"),
+                "cache_bytes": stats.get("cache_bytes", 0)})
+            bar.update(1)
+    bar.close()
+    rows = []
+    for name, label, _ in methods:
+        r = per[label]
+        rows.append({"method": name, "setting": label,
+                     "speedup": float(np.median([x["speedup"] for x in r])),
+                     "rtf": float(np.median([x["rtf"] for x in r])),
+                     "base_rtf": float(np.median([x["base_rtf"] for x in r])),
+                     "psnr": float(np.mean([x["psnr"] for x in r])), "ssim": float(np.mean([x["ssim"] for x in r])),
+                     "sync_conf": float(np.mean([x["sync_conf"] for x in r])),
+                     "max_abs_offset": int(max(abs(x["offset_frames"]) for x in r)),
+                     "reused_frac": float(np.sum([x["reused_steps"] or 0 for x in r])
+                                          / max(1, np.sum([(x["reused_steps"] or 0) + (x["computed_steps"] or 0)
+                                                           for x in r]))),
+                     "cache_bytes": int(max(x["cache_bytes"] or 0 for x in r))})
+    return {"clips": len(data), "corpus": str(corpus), "rows": rows, "per_clip": per}
+
+
+def pareto_plot(result: dict, path, uncached_sync=None):
+    """Speed-quality plot: DiT speedup vs PSNR and vs sync_conf, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by = {}
+    for r in result["rows"]:
+        by.setdefault(r["method"], []).append(r)
+    for name, rs in by.items():
+        rs = sorted(rs, key=lambda r: r["speedup"])
+        x = [r["speedup"] for r in rs]
+        axes[0].plot(x, [r["psnr"] for r in rs], "o-", label=name)
+        axes[1].plot(x, [r["sync_conf"] for r in rs], "o-", label=name)
+    axes[0].set_ylabel("PSNR vs uncached frames (dB)")
+    axes[1].set_ylabel("sync_conf (lip-sync expert)")
+    if uncached_sync is not None:
+        axes[1].axhline(uncached_sync, color="k", ls=":", lw=1, label="uncached")
+    for ax in axes:
+        ax.set_xlabel("DiT speedup vs uncached (x)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"cache methods on {result['clips']} held-out clips (higher right is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(result, path):
+    Path(path).write_text(json.dumps(result, indent=1))
+
+
+def default_sweep(steps, schedule_path, calibration_path, stream_schedule_path=None, only=None):
+    """(method, label, config) for every method at a few settings; SyncCache's shipped schedule first.
+
+    SyncCache's other settings are re-solved by DP from the span errors the shipped schedule's
+    calibration recorded (its meta), at other reuse fractions; no new calibration runs.
+    """
+    from synccache import Schedule, SyncCacheConfig, plan
+
+    from engine.caching import cache_config
+    out = [("none", "none", None)]
+    sched = Schedule.load(schedule_path)
+    out.append(("synccache", f"synccache(schedule {sched.reuse_count} reuses)",
+                cache_config("synccache", steps, schedule=schedule_path)))
+    err = [[float("inf") if v is None else v for v in row] for row in sched.meta["span_errors"]]
+    shipped = sched.reuse_count
+    for frac in (0.5, 0.65, 0.85):
+        k = int(round(frac * len(err) * (steps - 1)))
+        if k != shipped:
+            alt = plan(err, len(err), reuses=k, warmup=sched.meta.get("warmup", 1), spans=sched.spans)
+            out.append(("synccache", f"synccache(schedule {k} reuses)", SyncCacheConfig(schedule=alt)))
+    if stream_schedule_path is not None and Path(stream_schedule_path).exists():
+        out.append(("synccache-stream", "synccache-stream", cache_config(
+            "synccache-stream", steps, stream_schedule=stream_schedule_path)))
+    for thr in (0.1, 0.3):
+        out.append(("synccache-probe", f"synccache-probe({thr:g})", cache_config("synccache", steps, thr)))
+    for n in (2, 3, 4):
+        out.append(("fora", f"fora(N={n})", cache_config("fora", steps, n)))
+    for method, thrs in (("teacache", (0.1, 0.3, 0.6)), ("fbcache", (0.05, 0.1, 0.2)),
+                         ("magcache", (0.06, 0.12, 0.25))):
+        for thr in thrs:
+            out.append((method, f"{method}({thr:g})", cache_config(method, steps, thr, calibration=calibration_path)))
+    out.append(("deepcache", "deepcache", cache_config("deepcache", steps)))
+    if only:
+        unknown = set(only) - {m for m, _, _ in out}
+        if unknown:
+            raise ValueError(f"unknown bench methods {sorted(unknown)}")
+        out = [m for m in out if m[0] in only or m[0] == "none"]
+    return out
+
+
+def print_table(result):
+    """Markdown table of the rows (what the README shows)."""
+    print("| method | setting | DiT speedup | RTF | PSNR (dB) | SSIM | sync_conf | max abs offset | "
+          "reused steps | cache MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['method']} | {r['setting']} | {r['speedup']:.2f}x | {r['rtf']:.2f} | {r['psnr']:.1f} | "
+              f"{r['ssim']:.4f} | {r['sync_conf']:.3f} | {r['max_abs_offset']} | {100 * r['reused_frac']:.0f}% | "
+              f"{r['cache_bytes'] / 2**20:.2f} |")

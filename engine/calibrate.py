@@ -1,0 +1,191 @@
+"""`syncavatar calibrate`: measure span reuse errors on calibration clips, solve the schedule by DP.
+
+Calibration clips are corpus clips of the *train* split (voices and sentences the held-out benchmark
+never uses), made on the fly unless --corpus gives a directory. Every chunk is generated exactly as the
+renderer does (same steps, guidance, motion tokens) while synccache.calibrate.SpanErrorRecorder measures
+the error of bypassing each span at each step; synccache.schedule.plan then picks which spans keep
+residuals (the budget) and on which steps they are reused.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synccache import ScheduleError, max_spans_for_bytes, plan, reference_layout
+from synccache.calibrate import SpanErrorRecorder
+
+DEFAULT_SCHEDULE_DIR = Path(__file__).resolve().parents[1] / "configs" / "synccache"
+
+
+def parse_budget(text: str, span_bytes: int, n_spans: int) -> int:
+    """'3' -> 3 spans; '512K' / '1M' / '300000B' -> as many span residuals as fit in those bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B|[KMG])?\s*", str(text), re.I)
+    if not m:
+        raise ValueError(f"budget must be a span count (e.g. 3) or a size (e.g. 512K, 1M), got {text!r}")
+    value, unit = float(m.group(1)), (m.group(2) or "").upper()
+    if not unit:
+        if value != int(value):
+            raise ValueError(f"a span-count budget must be an integer, got {text!r}")
+        return min(int(value), n_spans)
+    scale = {"B": 1, "K": 1024, "KB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "G": 1024 ** 3, "GB": 1024 ** 3}[unit]
+    return min(max_spans_for_bytes(int(value * scale), span_bytes), n_spans)
+
+
+def calibration_clips(n: int, corpus: str | None = None, seed: int = 7) -> list[dict]:
+    """n clips from a corpus dir, or freshly made train-split clips (seed 7: not the training corpus)."""
+    from engine.data.corpus import build_corpus
+    if corpus is None:
+        tmp = tempfile.mkdtemp(prefix="syncavatar-calib-")
+        build_corpus(tmp, clips=n, seed=seed, split="train", progress=False)
+        corpus = tmp
+    files = sorted(Path(corpus).glob("clip_*.npz"))[:n]
+    if not files:
+        raise FileNotFoundError(f"no clip_*.npz in {corpus}")
+    return [dict(np.load(f)) for f in files]
+
+
+def _chunks(model, clips, max_chunks):
+    todo = []
+    for c in clips:
+        n = min(max_chunks, int(np.ceil(len(c["openness"]) / model.cfg.frames)))
+        todo += [(c, k) for k in range(n)]
+    return todo
+
+
+def run_chunks(model, clips, steps, guidance, noise_scale, max_chunks=12, fixed_noise=False, before_chunk=None,
+               progress=True, desc="calibrate"):
+    """Generate the first max_chunks chunks of every clip in order, as the renderer does (uncached).
+
+    before_chunk(k) is called before chunk k of each clip (k = 0 starts a new session)."""
+    from tqdm import tqdm
+
+    from engine.generator import Avatar, ChunkGenerator
+    gen, last = None, None
+    for c, k in tqdm(_chunks(model, clips, max_chunks), desc=desc, unit="chunk", disable=not progress):
+        if c is not last:
+            avatar = Avatar("calib", c["ref"], c["ref_person_mask"].astype(bool), c["ref_face_mask"].astype(bool))
+            gen = ChunkGenerator(model, avatar, steps=steps, guidance=guidance, noise_scale=noise_scale,
+                                 fixed_noise=fixed_noise)
+            audio = torch.from_numpy(c["audio"].astype(np.float32))
+            last = c
+        if before_chunk is not None:
+            before_chunk(k)
+        gen.chunk(audio, k * model.cfg.frames)
+
+
+def record_errors(model, clips, steps, guidance, noise_scale, cross=False, progress=True):
+    """(err, cross_err or None, chunks): span reuse errors [span][step] averaged over the chunks."""
+    rec = SpanErrorRecorder(model.dit, reference_layout(model.dit), cross=cross)
+    try:
+        run_chunks(model, clips, steps, guidance, noise_scale, fixed_noise=cross,
+                   before_chunk=lambda k: rec.reset(next_chunk=k > 0), progress=progress,
+                   desc="calibrate (stream)" if cross else "calibrate")
+        return rec.errors(), (rec.cross_errors() if cross else None), rec.samples()
+    finally:
+        rec.remove()
+
+
+def solve(err, steps, max_spans, spans, reuse_fraction=0.75, error_bound=None, max_run=None, warmup=1):
+    """The DP schedule: the least-error plan with reuse_fraction of the budgeted span-steps reused, or the
+    plan with the most reuses under error_bound."""
+    if error_bound is not None:
+        return plan(err, max_spans, error_bound=error_bound, warmup=warmup, max_run=max_run, spans=spans)
+    reuses = int(round(reuse_fraction * max_spans * (steps - max(warmup, 1))))
+    try:
+        return plan(err, max_spans, reuses=reuses, warmup=warmup, max_run=max_run, spans=spans)
+    except ScheduleError:
+        raise ValueError(f"{reuses} reused span-steps are not possible with {max_spans} cached spans, "
+                         f"warmup {warmup} and max run {max_run}") from None
+
+
+def add_cross(sched, err, cross_err):
+    """Streaming extension: on span-steps the schedule computes, take the previous chunk's residual where
+    that is no worse than the worst reuse the schedule already accepts."""
+    accepted = [err[s][t] for s, row in enumerate(sched.reuse) for t, r in enumerate(row) if r]
+    limit = max(accepted) if accepted else 0.0
+    cached = set(sched.cached_spans)
+    sched.cross = [[bool(s in cached and not sched.reuse[s][t] and np.isfinite(cross_err[s][t])
+                         and cross_err[s][t] <= limit) for t in range(sched.steps)] for s in range(sched.num_spans)]
+    sched.meta["cross_limit"] = round(limit, 5)
+    return sched
+
+
+def _table(err):
+    return [[round(v, 5) if np.isfinite(v) else None for v in row] for row in err]
+
+
+def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.75, error_bound=None,
+              max_run=None, warmup=1, guidance=None, noise_scale=None, plot=None, stream_out=None,
+              peers_out=None, progress=True) -> dict:
+    """Measure, solve, save the schedule JSON (and the streaming schedule, and the peers' calibration)."""
+    from synccache.baselines import calibrate_baselines, save_calibration
+
+    from engine.sampler import DEFAULT_GUIDANCE, DEFAULT_NOISE_SCALE
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    noise_scale = DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale
+    layout = reference_layout(model.dit)
+    spans = layout.spans()
+    cfg = model.cfg
+    tokens = 1 + cfg.motion_frames + cfg.frames
+    batch = 2 if guidance != 1.0 else 1
+    span_bytes = batch * tokens * cfg.tokens_per_frame * cfg.hidden * 4  # one float32 residual
+    max_spans = parse_budget(budget, span_bytes, len(spans))
+    if max_spans < 1:
+        raise ValueError(f"budget {budget!r} holds no span residual ({span_bytes} bytes each)")
+    data = calibration_clips(clips, corpus)
+    meta = {"steps": steps, "guidance": guidance, "noise_scale": noise_scale, "budget": str(budget),
+            "span_bytes": span_bytes, "calibration_clips": len(data), "warmup": warmup,
+            "reuse_fraction": reuse_fraction if error_bound is None else None}
+    err, _, samples = record_errors(model, data, steps, guidance, noise_scale, progress=progress)
+    sched = solve(err, steps, max_spans, spans, reuse_fraction, error_bound, max_run, warmup)
+    sched.meta |= meta | {"calibration_chunks": samples, "span_errors": _table(err)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sched.save(out)
+    summary = {"out": str(out), "steps": steps, "spans": len(spans), "cached_spans": sched.cached_spans,
+               "reused_span_steps": sched.reuse_count,
+               "computed_span_steps": len(spans) * steps - sched.reuse_count,
+               "predicted_error": round(sched.error, 5), "calibration_chunks": samples}
+    if plot:
+        plot_schedule(err, sched, plot)
+    if stream_out:
+        serr, xerr, _ = record_errors(model, data, steps, guidance, noise_scale, cross=True, progress=progress)
+        ssched = add_cross(solve(serr, steps, max_spans, spans, reuse_fraction, error_bound, max_run, warmup),
+                           serr, xerr)
+        ssched.meta |= meta | {"calibration_chunks": samples, "span_errors": _table(serr),
+                               "cross_errors": _table(xerr), "fixed_noise": True}
+        ssched.save(stream_out)
+        summary |= {"stream_out": str(stream_out), "stream_cross_span_steps": ssched.cross_count}
+    if peers_out:
+        cal = calibrate_baselines(model.dit, layout, lambda: run_chunks(
+            model, data, steps, guidance, noise_scale, max_chunks=6, progress=progress, desc="calibrate peers"),
+            steps)
+        save_calibration(cal, peers_out)
+        summary["peers_out"] = str(peers_out)
+    return summary
+
+
+def plot_schedule(err, sched, path):
+    """Heat map of the span reuse errors with the chosen reuse steps marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    e = np.array([[v if np.isfinite(v) else np.nan for v in row] for row in err])
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    im = ax.imshow(e, aspect="auto", cmap="viridis")
+    for s, row in enumerate(sched.reuse):
+        for t, r in enumerate(row):
+            if r:
+                ax.text(t, s, "R", ha="center", va="center", color="white", fontsize=8)
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("span")
+    ax.set_title("error of reusing a span's residual (R = reused in the schedule)")
+    fig.colorbar(im, ax=ax, label="rel. L1 of the step output")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

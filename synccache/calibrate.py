@@ -1,0 +1,135 @@
+"""Calibration for the offline schedule: the error of reusing each span at each step.
+
+`SpanErrorRecorder` wraps the model's forward (one call = one denoising step). On every call it first
+runs the step once per span with that span bypassed by the residual it stored on the previous step, then
+runs the plain step, which it returns (so the sampling trajectory is exactly the uncached one) and from
+which it stores fresh residuals. The error of reusing span s at step t is the relative L1 distance of the
+bypassed step's output from the plain output; `errors()` averages it over every sample recorded.
+A step costs 1 + (number of spans) forwards while recording.
+
+With cross=True (the streaming extension) it also measures, from the second chunk of a session on
+(`reset(next_chunk=True)` between chunks), the error of bypassing span s at step t with the residual it
+had at step t of the previous chunk: `cross_errors()`. That costs another (number of spans) forwards.
+
+    with SpanErrorRecorder(model, layout) as rec:
+        for chunk in calibration_chunks:
+            rec.reset()              # a new sample: no residuals yet
+            run_the_sampler(chunk)   # the model is called once per step
+    err = rec.errors()               # [spans][steps] -> synccache.schedule.plan(err, ...)
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from synccache.hooks import _hidden
+from synccache.layout import BlockLayout, LayoutError
+from synccache.wrap import unwrap, wrap_forward
+
+
+def rel_l1(cur: torch.Tensor, ref: torch.Tensor) -> float:
+    """mean |cur - ref| / mean |ref|."""
+    return float((cur - ref).abs().float().mean() / ref.abs().float().mean().clamp_min(1e-12))
+
+
+class SpanErrorRecorder:
+    """Measures err[s][t] on the uncached trajectory; removable like the cache hooks."""
+
+    def __init__(self, model: nn.Module, layout: BlockLayout, cross: bool = False):
+        layout.validate()
+        self.cross = cross
+        self._xsum, self._xcount = {}, {}
+        self._bank, self._prev_bank = {}, {}  # step -> {span: residual}
+        layout.check_model(model)
+        self.model, self.layout = model, layout
+        self.spans = layout.spans()
+        self._span_of = {i: s for s, (a, b) in enumerate(self.spans) for i in range(a, b + 1)}
+        self._sum, self._count = {}, {}  # (s, t) -> summed error, samples
+        self._bypass = None  # span bypassed in the current forward, or None (plain, recording)
+        self._bypass_res = None
+        self._res, self._inp = {}, {}
+        self._step = -1
+        self._wrapped = []
+        self._attach()
+
+    def _heavy(self, i, forward, args, kwargs):
+        s = self._span_of[i]
+        first, last = self.spans[s]
+        x = _hidden(i, args, kwargs)
+        if self._bypass == s:
+            return x + self._bypass_res if i == first else x
+        if self._bypass is None and i == first:
+            self._inp[s] = x
+        out = forward(*args, **kwargs)
+        if self._bypass is None and i == last:
+            if not isinstance(out, torch.Tensor) or out.shape != self._inp[s].shape:
+                raise LayoutError(f"heavy block {i} must return a tensor shaped like its input")
+            self._res[s] = (out - self._inp[s]).detach()
+        return out
+
+    def _forward(self, plain_forward, *args, **kwargs):
+        self._step += 1
+        t = self._step
+        outs, xouts = {}, {}
+        if len(self._res) == len(self.spans):  # residuals of the previous step exist
+            outs = self._bypassed(plain_forward, args, kwargs, self._res)
+        prev = self._prev_bank.get(t, {})
+        if self.cross and len(prev) == len(self.spans):
+            xouts = self._bypassed(plain_forward, args, kwargs, prev)
+        out = plain_forward(*args, **kwargs)
+        for store, count, got in ((self._sum, self._count, outs), (self._xsum, self._xcount, xouts)):
+            for s, o in got.items():
+                store[(s, t)] = store.get((s, t), 0.0) + rel_l1(o, out)
+                count[(s, t)] = count.get((s, t), 0) + 1
+        if self.cross:
+            self._bank[t] = dict(self._res)
+        return out
+
+    def _bypassed(self, plain_forward, args, kwargs, residuals):
+        """Outputs of the step with each span bypassed in turn by residuals[span]."""
+        outs = {}
+        for s in range(len(self.spans)):
+            self._bypass, self._bypass_res = s, residuals[s]
+            try:
+                outs[s] = plain_forward(*args, **kwargs)
+            finally:
+                self._bypass, self._bypass_res = None, None
+        return outs
+
+    def _attach(self):
+        for i, block in enumerate(self.layout.heavy):
+            self._wrapped.append(wrap_forward(block, lambda f, *a, _i=i, **k: self._heavy(_i, f, a, k),
+                                              marker="_recorder"))
+        self._wrapped.append(wrap_forward(self.model, self._forward, marker="_recorder"))
+
+    def reset(self, next_chunk: bool = False):
+        """A new sample: step numbering restarts and no residual is carried over, except with next_chunk
+        (the next chunk of the same session), which keeps this chunk's per-step residuals for cross errors."""
+        self._prev_bank = self._bank if next_chunk else {}
+        self._step, self._res, self._inp, self._bank = -1, {}, {}, {}
+
+    def errors(self) -> list:
+        """[spans][steps] mean error of reusing span s at step t (inf where never measured: step 0)."""
+        return self._table(self._sum, self._count)
+
+    def cross_errors(self) -> list:
+        """[spans][steps] mean error of taking span s's residual from step t of the previous chunk."""
+        return self._table(self._xsum, self._xcount)
+
+    def _table(self, total, count):
+        steps = 1 + max((t for _, t in list(self._count) + list(self._xcount)), default=0)
+        return [[total[(s, t)] / count[(s, t)] if (s, t) in count else math.inf
+                 for t in range(steps)] for s in range(len(self.spans))]
+
+    def samples(self) -> int:
+        return max(self._count.values(), default=0)
+
+    def remove(self):
+        unwrap(self._wrapped)
+        self._wrapped = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
