@@ -89,7 +89,7 @@ def record_errors(model, clips, steps, guidance, noise_scale, cross=False, progr
         rec.remove()
 
 
-def solve(err, steps, max_spans, spans, reuse_fraction=0.75, error_bound=None, max_run=None, warmup=1):
+def solve(err, steps, max_spans, spans, reuse_fraction=0.9, error_bound=None, max_run=6, warmup=1):
     """The DP schedule: the least-error plan with reuse_fraction of the budgeted span-steps reused, or the
     plan with the most reuses under error_bound."""
     if error_bound is not None:
@@ -118,8 +118,8 @@ def _table(err):
     return [[round(v, 5) if np.isfinite(v) else None for v in row] for row in err]
 
 
-def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.75, error_bound=None,
-              max_run=None, warmup=1, guidance=None, noise_scale=None, plot=None, stream_out=None,
+def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.9, error_bound=None,
+              max_run=6, warmup=1, guidance=None, noise_scale=None, plot=None, stream_out=None,
               peers_out=None, progress=True) -> dict:
     """Measure, solve, save the schedule JSON (and the streaming schedule, and the peers' calibration)."""
     from synccache.baselines import calibrate_baselines, save_calibration
@@ -181,6 +181,8 @@ def plot_schedule(err, sched, path):
         for t, r in enumerate(row):
             if r:
                 ax.text(t, s, "R", ha="center", va="center", color="white", fontsize=8)
+    ax.set_xticks(range(sched.steps))
+    ax.set_yticks(range(sched.num_spans))
     ax.set_xlabel("denoising step")
     ax.set_ylabel("span")
     ax.set_title("error of reusing a span's residual (R = reused in the schedule)")

@@ -147,17 +147,16 @@ def contact_sheet(shown, path, per_row=8):
     plt.close(fig)
 
 
-def loss_plot(run_dir, path):
-    """Loss curves of the training stages (RUN/<stage>_loss.csv) -> PNG."""
+def loss_plot(curves: dict, path):
+    """Loss curves {title: path of a <stage>_loss.csv} -> PNG, one panel each."""
     import csv
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    stages = [s for s in ("ae", "dit") if (Path(run_dir) / f"{s}_loss.csv").exists()]
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
-    for ax, s in zip(axes[0], stages):
-        with open(Path(run_dir) / f"{s}_loss.csv") as f:
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (s, csv_path) in zip(axes[0], curves.items()):
+        with open(csv_path) as f:
             rows = list(csv.DictReader(f))
         step = np.array([float(r["step"]) for r in rows])
         loss = np.array([float(r["loss"]) for r in rows])
@@ -165,7 +164,7 @@ def loss_plot(run_dir, path):
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(step, loss, alpha=0.25, lw=0.5)
         ax.plot(step[k - 1:], smooth, lw=1.5)
-        ax.set_title(f"{s} loss")
+        ax.set_title(s)
         ax.set_xlabel("step")
         ax.set_yscale("log")
     fig.tight_layout()

@@ -114,7 +114,7 @@ def cmd_calibrate(a):
     model = load_model(a.weights or cfg.path(cfg.model.weights))
     try:
         summary = calibrate(model, a.out, steps, a.budget, clips=a.clips, corpus=a.corpus,
-                            reuse_fraction=a.reuse_fraction, error_bound=a.error_bound, max_run=a.max_run,
+                            reuse_fraction=a.reuse_fraction, error_bound=a.error_bound, max_run=a.max_run or None,
                             guidance=cfg.model.guidance, noise_scale=cfg.model.noise_scale, plot=a.plot,
                             stream_out=a.stream_out or None, peers_out=a.peers_out or None,
                             progress=not a.quiet)
@@ -217,10 +217,11 @@ def build_parser():
     c.add_argument("--out", default="configs/synccache/ref-XS.json")
     c.add_argument("--clips", type=int, default=4, help="calibration clips (train split, made on the fly)")
     c.add_argument("--corpus", default=None, help="take calibration clips from this corpus dir instead")
-    c.add_argument("--reuse-fraction", type=float, default=0.75,
+    c.add_argument("--reuse-fraction", type=float, default=0.9,
                    help="fraction of the budgeted span-steps to reuse (the least-error plan is chosen)")
     c.add_argument("--error-bound", type=float, default=None, help="instead: most reuses with error <= this")
-    c.add_argument("--max-run", type=int, default=None, help="most consecutive reuses of one span")
+    c.add_argument("--max-run", type=int, default=6,
+                   help="most consecutive reuses of one span (0: no limit); a residual gets stale")
     c.add_argument("--plot", default=None, help="heat map PNG of the errors and the chosen steps")
     c.add_argument("--stream-out", default="configs/synccache/ref-XS-stream.json",
                    help="also solve the streaming extension's schedule (cross-chunk reuse); '' to skip")

@@ -560,8 +560,11 @@ class BaselineHandle:
         self._hooks.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._end, always_call=True))
 
-    def reset(self, keep_stats: bool = False) -> None:
-        """Forget the stored step and the signals (new sample or chunk); stats too unless keep_stats."""
+    def reset(self, keep_stats: bool = False, next_chunk: bool = False) -> None:
+        """Forget the stored step and the signals (new sample or chunk); stats too unless keep_stats.
+
+        next_chunk is accepted for the engine's sake and changes nothing: the peers never carry state
+        from one chunk to the next."""
         self.state = _State()
         if not keep_stats:
             self._stats = _Stats()
