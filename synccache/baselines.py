@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 
 from synccache.layout import BlockLayout, LayoutError
-from synccache.wrap import unwrap, wrap_forward
+from synccache.wrap import detach, wrap_forward
 
 METHODS = ("fora", "teacache", "fbcache", "magcache", "deepcache")
 THRESHOLD_DEFAULTS = {"teacache": 0.15, "fbcache": 0.05, "magcache": 0.12}
@@ -573,9 +573,7 @@ class BaselineHandle:
         """Detach everything: the model's modules are as they were before apply_baseline."""
         if self._removed:
             return
-        unwrap(self._wrapped)
-        for h in self._hooks:
-            h.remove()
+        detach(self._wrapped, self._hooks)
         self._wrapped, self._hooks, self._removed = [], [], True
         self.state = _State()
 
@@ -690,9 +688,7 @@ class _Recorder:
         self._hooks.append(self.model.register_forward_hook(self._end, always_call=True))
 
     def remove(self):
-        unwrap(self._wrapped, strict=False)
-        for h in self._hooks:
-            h.remove()
+        detach(self._wrapped, self._hooks, strict=False)
         self._wrapped, self._hooks = [], []
 
 

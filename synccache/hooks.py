@@ -31,7 +31,7 @@ from synccache.config import SyncCacheConfig
 from synccache.layout import BlockLayout, LayoutError
 from synccache.probe import weighted_rel_l1
 from synccache.schedule import ScheduleError
-from synccache.wrap import unwrap, wrap_forward
+from synccache.wrap import detach, wrap_forward
 
 COMPUTE, REUSE, CROSS = "compute", "reuse", "cross"
 
@@ -254,9 +254,7 @@ class SyncCacheHandle:
         """Detach everything: the model's modules are as they were before apply_synccache."""
         if self._removed:
             return
-        unwrap(self._wrapped)
-        for h in self._hooks:
-            h.remove()
+        detach(self._wrapped, self._hooks)
         self._wrapped, self._hooks, self._removed = [], [], True
         self.state = _State(len(self.spans))
 

@@ -39,3 +39,10 @@ def unwrap(records, strict: bool = True) -> None:
             del r.module.__dict__["forward"]
         else:
             r.module.__dict__["forward"] = r.prev
+
+
+def detach(records, hooks, strict: bool = True) -> None:
+    """unwrap(records) and remove the torch hook handles: what every handle's remove() does."""
+    unwrap(records, strict)
+    for h in hooks:
+        h.remove()
