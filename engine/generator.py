@@ -112,6 +112,7 @@ class ChunkGenerator:
         noise = self.noise
         z = sample(model.dit, cond, noise, self.steps, self.shift, timer=self.timer, guidance=self.guidance)
         self.motion = z[:, -cfg.motion_frames:]
+        self.last_latents = z  # [1, W, C, h, w]: the live engine keeps idle-loop latents
         return model.ae.to_uint8(model.ae.decode(z[0], self.ref_feats))
 
 

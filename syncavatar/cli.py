@@ -38,6 +38,38 @@ def cmd_data(a):
     print(json.dumps(info))
 
 
+# ------------------------------------------------------------------------------------------- live
+def cmd_serve(a):
+    from streaming.server import serve
+    cfg = _config(a)
+    s = cfg.server
+    s.host = a.host if a.host is not None else s.host
+    s.port = a.port if a.port is not None else s.port
+    s.telemetry = a.telemetry if a.telemetry is not None else s.telemetry
+    if not 0 < s.port < 65536:
+        raise UserError(f"--port must be 1..65535, got {s.port}")
+    serve(cfg)
+
+
+def cmd_telemetry(a):
+    from streaming.telemetry import watch
+    address = a.address if a.address is not None else _config(a).server.telemetry
+    if not address:
+        raise UserError("no telemetry address: pass --address tcp://HOST:PORT")
+    watch(address, session=a.session, csv_path=a.csv, types=a.types.split(","), duration=a.duration,
+          idle_timeout=a.idle_timeout)
+
+
+def cmd_client(a):
+    from clients.client import ClientError, main as client_main
+    try:
+        code = client_main(a)
+    except ClientError as e:
+        raise UserError(str(e)) from None
+    if code:
+        raise SystemExit(code)
+
+
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(a):
     from engine import train
@@ -256,6 +288,28 @@ def build_parser():
     e.add_argument("--report", default=None, help="with --corpus: write the per-clip report JSON here")
     e.add_argument("--sheet", default=None, help="with --corpus: contact sheet PNG")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("serve", help="the live avatar server: WebRTC mic in, avatar video + speech out")
+    s.add_argument("--config", default=None)
+    s.add_argument("--host", default=None, help="default: [server] host (127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="default: [server] port (8080)")
+    s.add_argument("--telemetry", default=None, help="ZMQ PUB address, '' = off (default: [server] telemetry)")
+    s.set_defaults(func=cmd_serve)
+
+    tl = sub.add_parser("telemetry", help="live table of a server's telemetry (ZMQ SUB)")
+    tl.add_argument("--address", default=None, help="default: [server] telemetry of --config")
+    tl.add_argument("--config", default=None)
+    tl.add_argument("--session", default="", help="only this session id (prefix)")
+    tl.add_argument("--csv", default=None, help="also append every message to this CSV")
+    tl.add_argument("--types", default="chunk,second,decision,session", help="message types to show")
+    tl.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    tl.add_argument("--idle-timeout", type=float, default=None, help="stop after this long without a message")
+    tl.set_defaults(func=cmd_telemetry)
+
+    cl = sub.add_parser("client", help="send an audio file as the mic to a server; record, measure latency")
+    from clients.client import add_arguments
+    add_arguments(cl)
+    cl.set_defaults(func=cmd_client)
     return p
 
 

@@ -37,10 +37,38 @@ class CacheConfig:
 
 
 @dataclass
+class LiveConfig:
+    """The live session pipeline (streaming/session.py)."""
+    playout_delay_ms: int = 400  # frame i is shown this long after its audio was captured (one clock)
+    vad_mode: int = 3  # webrtcvad aggressiveness 0..3
+    hangover_ms: int = 200  # speech stays on this long after VAD last heard it (lets the mouth close)
+    max_ahead_chunks: int = 4  # bounded queue: chunks waiting for or in generation
+    gap_fill_ms: int = 150  # input more than this behind the clock (a network gap): pad with silence
+    idle_chunks: int = 8  # model-generated idle loop (silence), played ping-pong
+    boost_cache: str = "synccache-stream"  # backpressure level 1: a higher cache ratio
+    recover_chunks: int = 50  # on-time chunks before the policy steps back down
+    safety_ms: int = 20  # a chunk predicted to finish later than its deadline minus this is "behind"
+    transport_ms: int = 180  # assumed network + jitter-buffer delay, for the latency estimate only
+
+
+@dataclass
+class ServerConfig:
+    """`syncavatar serve`: HTTP, WebRTC and telemetry."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    telemetry: str = "tcp://127.0.0.1:5556"  # ZMQ PUB address; "" = off
+    ice_servers: list = field(default_factory=list)  # e.g. ["stun:stun.example.org:3478"]
+    host_candidates: list = field(default_factory=list)  # [] = discover; ["127.0.0.1"] = loopback only
+    max_sessions: int = 2
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def path(self, p: str) -> Path:
         """Resolve a path from the config relative to the repository root."""
@@ -69,7 +97,8 @@ def load_config(path=DEFAULT_CONFIG) -> Config:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config is not valid TOML ({e}): {path}") from None
-    sections = {"model": ModelConfig, "engine": EngineConfig, "cache": CacheConfig}
+    sections = {"model": ModelConfig, "engine": EngineConfig, "cache": CacheConfig, "live": LiveConfig,
+                "server": ServerConfig}
     for k in data:
         if k not in sections:
             raise ConfigError(f"unknown section [{k}] in {path}")

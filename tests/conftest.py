@@ -30,3 +30,68 @@ def rendered(tmp_path_factory, speech_wav):
                "--frames-out", str(fr), "--quiet"])
     assert rc == 0
     return out, json.loads(js.read_text()), fr
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A `syncavatar serve` subprocess on loopback (tests/live.toml), with telemetry on a free port."""
+
+    def __init__(self, log_path):
+        import sys
+        from pathlib import Path
+        root = Path(__file__).resolve().parents[1]
+        self.port, self.telemetry = free_port(), f"tcp://127.0.0.1:{free_port()}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "syncavatar.cli", "serve", "--config", str(root / "tests" / "live.toml"),
+             "--port", str(self.port), "--telemetry", self.telemetry],
+            cwd=root, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s=180):
+        import time
+        import urllib.request
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout_s} s:\n{self.log()}")
+
+    def log(self):
+        self._log.flush()
+        return open(self.log_path).read()[-4000:]
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def live_server_proc(tmp_path_factory):
+    """One loopback server for the whole test session (model load + idle loop take a few seconds)."""
+    srv = LiveServer(tmp_path_factory.mktemp("serve") / "serve.log").wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def live_server(live_server_proc):
+    """Base URL of the loopback server, e.g. http://127.0.0.1:PORT."""
+    return live_server_proc.url
