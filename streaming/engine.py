@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ class Engine:
     def __init__(self, config: Config, ready_timeout_s: float = 120):
         self.config = config
         self.cfg = _model_config(config)
-        self.level_names = [config.cache.method, config.live.boost_cache]
+        self.level_names = [config.live.cache, config.live.boost_cache]
         self.gen_ms = [None, None]  # running mean of one chunk's generation time per cache level
         self.pending = 0  # chunks queued or generating, all sessions
         self._free_at = 0.0  # predicted monotonic time the worker has finished every queued chunk
@@ -115,11 +116,14 @@ class Engine:
         if not self.closed:
             self._in.put(("end", session))
 
+    def worker_pids(self) -> list[int]:
+        return [self._proc.pid] if self._proc.is_alive() else []
+
     def estimate_ms(self, level: int) -> float:
         """Expected generation time of one chunk at a cache level (a guess before the first measurement)."""
         if self.gen_ms[level] is not None:
             return self.gen_ms[level]
-        return 150.0 if level == 0 else 100.0
+        return 140.0 if level == 0 else 120.0
 
     def idle_loop(self, avatar: str, timeout_s: float = 120) -> IdleLoop:
         """The avatar's idle loop, made on the worker on first use (blocks the caller until then)."""
@@ -189,29 +193,40 @@ class _Worker:
     def __init__(self, config: Config):
         import torch
 
-        from engine.caching import cache_config
         from engine.model.audio_encoder import MARGIN_FRAMES
         from engine.model.avatar import load_model
         self.torch = torch
+        if config.live.worker_threads > 0:
+            torch.set_num_threads(config.live.worker_threads)
         self.config = config
-        m, c = config.model, config.cache
+        m, live = config.model, config.live
         self.model = load_model(config.path(m.weights))
         self.cfg = self.model.cfg
         self.offset = self.cfg.lookback + MARGIN_FRAMES  # chunk start inside a job's window, in frames
-        kw = dict(steps=m.steps, schedule=config.path(c.schedule), calibration=config.path(c.calibration),
-                  stream_schedule=config.path(c.stream_schedule))
-        self.levels = [cache_config(c.method, **kw), cache_config(config.live.boost_cache, **kw)]
+        self.levels = [self._cache(live.cache, live.schedule), self._cache(live.boost_cache, live.boost_schedule)]
         self.handle, self.level, self.owner = None, None, None
         self.stats = (0, 0)
         self.gens = {}  # session -> ChunkGenerator
         self.idle_latents = {}  # avatar -> [L, C, h, w]
 
+    def autocast(self):
+        import contextlib
+        if self.config.live.bf16:
+            return self.torch.autocast("cpu", dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _cache(self, method, schedule):
+        from engine.caching import cache_config
+        path = self.config.path(schedule)
+        return cache_config(method, self.config.live.steps, schedule=path, stream_schedule=path,
+                            calibration=self.config.path(self.config.cache.calibration))
+
     def generator(self, session, avatar):
         from engine.generator import ChunkGenerator, load_avatar
         if session not in self.gens:
             m = self.config.model
-            self.gens[session] = ChunkGenerator(self.model, load_avatar(avatar), steps=m.steps, seed=m.seed,
-                                                guidance=m.guidance, noise_scale=m.noise_scale)
+            self.gens[session] = ChunkGenerator(self.model, load_avatar(avatar), steps=self.config.live.steps,
+                                                seed=m.seed, guidance=m.guidance, noise_scale=m.noise_scale)
         return self.gens[session]
 
     def use_level(self, level, owner):
@@ -229,7 +244,7 @@ class _Worker:
 
     def steps_since(self):
         if self.handle is None:
-            return self.config.model.steps, 0
+            return self.config.live.steps, 0
         st = self.handle.stats()
         now = (st["computed_steps"], st["reuse_steps"])
         diff = (now[0] - self.stats[0], now[1] - self.stats[1])
@@ -247,7 +262,8 @@ class _Worker:
             idx = [ping_pong(i, len(lat)) for i in range(idle_motion - mf, idle_motion)]
             gen.motion = lat[idx][None]
         start = time.monotonic()
-        frames = gen.chunk(self.torch.from_numpy(window), self.offset)
+        with self.autocast():
+            frames = gen.chunk(self.torch.from_numpy(window), self.offset)
         end = time.monotonic()
         computed, reused = self.steps_since()
         return frames, {"gen_start": start, "gen_end": end, "gen_ms": (end - start) * 1000,
@@ -262,8 +278,9 @@ class _Worker:
         frames, latents = [], []
         for _ in range(n):
             self.use_level(0, ("idle", avatar))
-            frames.append(gen.chunk(self.torch.from_numpy(silence), self.offset))
-            latents.append(gen.last_latents[0])
+            with self.autocast():
+                frames.append(gen.chunk(self.torch.from_numpy(silence), self.offset))
+            latents.append(gen.last_latents[0].float())
         del self.gens[("idle", avatar)]
         self.idle_latents[avatar] = self.torch.cat(latents)
         return np.concatenate(frames)
@@ -280,8 +297,14 @@ def _worker_main(config: Config, inq, outq):
         outq.put(("error", f"{type(e).__name__}: {e}"))
         return
     outq.put(("ready",))
+    parent = mp.parent_process()
     while True:
-        msg = inq.get()
+        try:
+            msg = inq.get(timeout=1.0)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():  # the server died without closing us
+                return
+            continue
         if msg is None:
             return
         kind = msg[0]

@@ -106,6 +106,7 @@ class Session:
                        "samples_in": 0, "pushes": 0, "dropped_late": 0, "errors": 0}
         self._sec = {"t": self.t0, "frames_out": 0, "samples_in": 0, "late_frames": 0}
         self._sent = {"video": {}, "audio": {}}  # frame index -> monotonic send time (from the tracks)
+        self._proc = None  # psutil handles (this process and the generation worker) for CPU / RSS
         self._loop = None
         self.monitor = LoopMonitor()
         self.idle = engine._idle.get(self.avatar)
@@ -129,10 +130,11 @@ class Session:
         now = time.monotonic()
         pcm = np.asarray(pcm)
         n_in = round(len(pcm) * SAMPLE_RATE / sample_rate) if sample_rate else 0
-        # audio further behind the clock than gap_fill_ms after this push: a network gap, pad silence
+        # the input must keep pace with the clock: before the first audio (connection set-up) and after a
+        # network gap longer than gap_fill_ms, pad silence so that this push ends "now"
         lag = (now - self.t0) * SAMPLE_RATE - (self.audio.end + n_in)
-        if lag > self.live.gap_fill_ms / 1000 * SAMPLE_RATE:
-            self.audio.pad_silence(int(lag - 0.02 * SAMPLE_RATE))
+        if lag > 0 and (self.counts["pushes"] == 0 or lag > self.live.gap_fill_ms / 1000 * SAMPLE_RATE):
+            self.audio.pad_silence(int(lag))
         n = self.audio.push(pcm, sample_rate)
         self.counts["samples_in"] += n
         self.counts["pushes"] += 1
@@ -285,8 +287,11 @@ class Session:
         now = time.monotonic()
         frame = Frame(i, rgb, self.audio.window(i * FRAME_SAMPLES, (i + 1) * FRAME_SAMPLES), kind,
                       round(self.clock_ms(now), 1))
-        if rec is not None and i % self.W == 0:
-            rec["send_ms"] = frame.t_ms
+        if rec is not None:
+            if i % self.W == 0:
+                rec["send_ms"] = frame.t_ms
+            if kind == "late":
+                rec["late_frames"] = rec.get("late_frames", 0) + 1
         if i % self.W == self.W - 1:
             self._chunk_out(c)
         if now - self._sec["t"] >= 1.0:
@@ -311,6 +316,8 @@ class Session:
                 del self.chunks[k]
         if rec is None:
             rec = {"chunk": c, "kind": "missing", "reason": "its audio had not arrived"}
+        if rec.get("kind") == "speech" and rec.get("late_frames", 0) == self.W:
+            rec["kind"] = "late"  # generated, but none of its frames in time: the idle loop was shown
         first = c * self.W
         v, a = self._sent["video"].get(first), self._sent["audio"].get(first)
         rec["av_offset_ms"] = round((a - v) * 1000, 1) if v is not None and a is not None else 0.0
@@ -321,18 +328,32 @@ class Session:
         rec["jobs_queued"] = rec.get("jobs_queued", self.engine.pending)
         self.publish("chunk", **rec)
 
-    def _second(self, now):
+    def _cpu_rss(self):
+        """CPU percent (of one core) and RSS in MB of the server process plus the generation worker."""
         import psutil
+        if self._proc is None:
+            self._proc = [psutil.Process()] + [psutil.Process(p) for p in self.engine.worker_pids()]
+            for p in self._proc:
+                p.cpu_percent()  # the first reading is always 0: prime it
+        cpu = rss = 0.0
+        for p in self._proc:
+            try:
+                cpu += p.cpu_percent()
+                rss += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return round(cpu, 1), round(rss / 2**20, 1)
+
+    def _second(self, now):
         s = self._sec
         dt = now - s["t"]
-        proc = psutil.Process()
+        cpu, rss = self._cpu_rss()
         self.publish("second", fps_in=round((self.counts["samples_in"] - s["samples_in"]) / FRAME_SAMPLES / dt, 2),
                      fps_out=round((self.counts["frames_out"] - s["frames_out"]) / dt, 2),
                      drops=self.counts["late_frames"] - s["late_frames"], late_frames=self.counts["late_frames"],
                      dropped_late=self.counts["dropped_late"], gap_fill_ms=round(self.audio.gap_samples / 16, 1),
                      loop_lag_max_ms=self.monitor.take(), level=self.level, jobs_in_flight=self.in_flight,
-                     ready_frames=len(self.ready), cpu_percent=proc.cpu_percent(),
-                     rss_mb=round(proc.memory_info().rss / 2**20, 1))
+                     ready_frames=len(self.ready), cpu_percent=cpu, rss_mb=rss)
         self._sec = {"t": now, "frames_out": self.counts["frames_out"], "samples_in": self.counts["samples_in"],
                      "late_frames": self.counts["late_frames"]}
 

@@ -53,7 +53,7 @@ class LiveServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "syncavatar.cli", "serve", "--config", str(root / "tests" / "live.toml"),
              "--port", str(self.port), "--telemetry", self.telemetry],
-            cwd=root, stdout=self._log, stderr=subprocess.STDOUT)
+            cwd=root, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s=180):
         import time
@@ -75,11 +75,17 @@ class LiveServer:
         return open(self.log_path).read()[-4000:]
 
     def stop(self):
+        import os
+        import signal
         self.proc.terminate()
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        try:  # anything of its process group that outlived it (the generation worker)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self._log.close()
 
 

@@ -122,6 +122,9 @@ class FakeEngine:
     def end_session(self, session):
         pass
 
+    def worker_pids(self):
+        return []
+
     async def idle_loop_async(self, avatar):
         return self._idle[avatar]
 
