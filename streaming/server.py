@@ -13,6 +13,7 @@ client) receives the session's chunk / second / decision messages as JSON text.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 from fractions import Fraction
@@ -142,6 +143,7 @@ class Connection:
             t.cancel()
         await self.pc.close()
         self.server.connections.pop(self.session.id, None)
+        self.server.ended.append(self.session.id)
 
 
 class AvatarServer:
@@ -150,6 +152,7 @@ class AvatarServer:
     def __init__(self, config: Config, engine: Engine, telemetry: Telemetry):
         self.config, self.engine, self.telemetry = config, engine, telemetry
         self.connections: dict[str, Connection] = {}
+        self.ended: collections.deque = collections.deque(maxlen=256)  # recently ended ids: DELETE is idempotent
         s = config.server
         self.ice = RTCConfiguration([RTCIceServer(urls=u) for u in s.ice_servers]) if s.ice_servers else None
 
@@ -226,9 +229,12 @@ class AvatarServer:
                                   "session": session.id})
 
     async def delete(self, request):
-        conn = self.connections.get(request.match_info["id"])
+        sid = request.match_info["id"]
+        conn = self.connections.get(sid)
         if conn is None:
-            return _error(404, f"no session {request.match_info['id']}")
+            if sid in self.ended:
+                return web.json_response({"closed": sid, "already": True})
+            return _error(404, f"no session {sid}")
         await conn.close()
         return web.json_response({"closed": conn.session.id})
 

@@ -85,7 +85,7 @@ class Session:
         self.id = session_id or uuid.uuid4().hex[:12]
         self.live = engine.config.live
         self.telemetry = telemetry or Telemetry(None)
-        load_avatar(self.avatar)  # ValueError for an unknown avatar, before anything starts
+        self.portrait = load_avatar(self.avatar).rgb  # ValueError for an unknown avatar, before anything starts
         self.cfg = engine.cfg
         self.W = self.cfg.frames
         self.audio = AudioInput(self.live.vad_mode)
@@ -256,8 +256,8 @@ class Session:
         """Yield a Frame every 40 ms of the session clock, from frame 0 at t0 + playout delay."""
         self._loop = self._loop or asyncio.get_running_loop()
         self.monitor.start()
-        if self.idle is None:  # first session of this avatar: make its idle loop (on the worker)
-            self.idle = await self.engine.idle_loop_async(self.avatar)
+        if self.idle is None:  # first session of this avatar: the worker makes its idle loop (~1-2 s), the
+            self._idle_task = asyncio.ensure_future(self._fetch_idle())  # portrait stands in until then
         try:
             while not self.closed:
                 i = self.play_index
@@ -270,6 +270,9 @@ class Session:
         finally:
             self.monitor.stop()
 
+    async def _fetch_idle(self):
+        self.idle = await self.engine.idle_loop_async(self.avatar)
+
     def _next_frame(self, i) -> Frame:
         c = i // self.W
         with self._lock:
@@ -281,7 +284,7 @@ class Session:
         else:
             planned = rec.get("kind") if rec else None
             kind = "late" if planned in ("speech", "error") else "idle"
-            rgb = self.idle.frame(i)
+            rgb = self.idle.frame(i) if self.idle is not None else self.portrait
         self.counts["frames_out"] += 1
         self.counts[f"{kind}_frames"] += 1
         now = time.monotonic()
