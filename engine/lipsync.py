@@ -235,8 +235,22 @@ def evaluate_arrays(frames: np.ndarray, audio: np.ndarray, truth: np.ndarray | N
     return res
 
 
-def evaluate(video_path, audio_path=None, truth_path=None, expert=None) -> dict:
-    """Lip-sync metrics of a video file, with its own audio track or a separate audio file."""
+def evaluate_windows(frames: np.ndarray, audio: np.ndarray, window_s: float, expert=None, fps: float = FPS) -> list:
+    """evaluate_arrays on consecutive windows of window_s seconds (e.g. the minutes of a long session):
+    a drift between sound and picture shows up as offset_frames changing from window to window."""
+    n = max(1, int(round(window_s * fps)))
+    out = []
+    for a in range(0, len(frames), n):
+        f = frames[a:a + n]
+        seg = audio[int(a / fps * SR):int((a + len(f)) / fps * SR)]
+        if len(f) >= n // 2 and len(seg):
+            out.append({"start_s": round(a / fps, 2)} | evaluate_arrays(f, seg, expert=expert, fps=fps))
+    return out
+
+
+def evaluate(video_path, audio_path=None, truth_path=None, expert=None, window_s=None) -> dict:
+    """Lip-sync metrics of a video file, with its own audio track or a separate audio file; window_s adds
+    "windows": the same metrics per window of that many seconds."""
     from engine.media import MediaError, load_audio, read_mp4
     frames, own_audio, fps = read_mp4(video_path)
     if audio_path is not None:
@@ -246,4 +260,7 @@ def evaluate(video_path, audio_path=None, truth_path=None, expert=None) -> dict:
     else:
         audio = own_audio
     truth = load_truth(truth_path) if truth_path is not None else None
-    return evaluate_arrays(frames, audio, truth, expert, fps)
+    res = evaluate_arrays(frames, audio, truth, expert, fps)
+    if window_s:
+        res["windows"] = evaluate_windows(frames, audio, window_s, expert, fps)
+    return res

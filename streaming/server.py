@@ -2,8 +2,9 @@
 
     GET  /                 the browser client (clients/web), its files under /static/
     POST /offer            {sdp, type, avatar} -> {sdp, type, session}: one sendrecv connection
-    DELETE /sessions/{id}  end a session
+    DELETE /sessions/{id}  end a session (idempotent)
     GET  /healthz          {status, sessions, pending_chunks, gen_ms}
+    GET  /ice-servers      {iceServers}: the config's STUN/TURN servers, for the page
 
 Per connection: the mic track's frames go to session.push_audio; one pump task reads session.frames()
 (paced by the session clock) and hands every frame to both outgoing tracks, whose timestamps come from
@@ -154,7 +155,7 @@ class AvatarServer:
         self.connections: dict[str, Connection] = {}
         self.ended: collections.deque = collections.deque(maxlen=256)  # recently ended ids: DELETE is idempotent
         s = config.server
-        self.ice = RTCConfiguration([RTCIceServer(urls=u) for u in s.ice_servers]) if s.ice_servers else None
+        self.ice = RTCConfiguration([ice_server(u) for u in s.ice_servers]) if s.ice_servers else None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -162,6 +163,7 @@ class AvatarServer:
         app.router.add_post("/offer", self.offer)
         app.router.add_delete("/sessions/{id}", self.delete)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/ice-servers", self.ice_servers)
         if WEB_DIR.is_dir():
             app.router.add_static("/static/", WEB_DIR)
         app.on_shutdown.append(self.shutdown)
@@ -172,6 +174,11 @@ class AvatarServer:
         if not page.exists():
             raise web.HTTPNotFound(text="clients/web/index.html is missing")
         return web.FileResponse(page)
+
+    async def ice_servers(self, request):
+        """The STUN/TURN servers of the config, for the page's RTCPeerConnection."""
+        servers = [{"urls": e} if isinstance(e, str) else e for e in self.config.server.ice_servers]
+        return web.json_response({"iceServers": servers})
 
     async def healthz(self, request):
         return web.json_response({"status": "ok", "sessions": len(self.connections),
@@ -221,9 +228,9 @@ class AvatarServer:
             pc.addTrack(conn.audio)
             pc.addTrack(conn.video)
             await pc.setLocalDescription(await pc.createAnswer())
-        except ValueError as e:
+        except Exception as e:  # aiortc raises several types for a malformed or unusable SDP
             await conn.close()
-            return _error(400, f"bad offer: {e}")
+            return _error(400, f"bad offer: {type(e).__name__}: {e}")
         conn.start()
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
                                   "session": session.id})
@@ -240,6 +247,15 @@ class AvatarServer:
 
     async def shutdown(self, app):
         await asyncio.gather(*(c.close() for c in list(self.connections.values())))
+
+
+def ice_server(entry) -> RTCIceServer:
+    """A STUN/TURN server from the config: "stun:host:port", or {urls, username, credential} for TURN."""
+    if isinstance(entry, str):
+        return RTCIceServer(urls=entry)
+    if isinstance(entry, dict) and set(entry) <= {"urls", "username", "credential"} and "urls" in entry:
+        return RTCIceServer(**entry)
+    raise ValueError(f"[server] ice_servers: expected a URL or {{urls, username, credential}}, got {entry!r}")
 
 
 def _error(status, message):

@@ -183,10 +183,11 @@ def cmd_eval(a):
     if not a.video:
         raise UserError("give --video V.mp4 (one clip) or --corpus DIR (held-out corpus report)")
     try:
-        res = evaluate(a.video, a.audio, a.truth)
+        res = evaluate(a.video, a.audio, a.truth, window_s=a.window)
     except MediaError as e:
         raise UserError(str(e)) from None
-    res = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
+    rnd = lambda d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
+    res = rnd(res) | ({"windows": [rnd(w) for w in res["windows"]]} if "windows" in res else {})
     print(json.dumps(res) if a.json else json.dumps(res, indent=1))
 
 
@@ -282,6 +283,8 @@ def build_parser():
     e.add_argument("--audio", default=None)
     e.add_argument("--truth", default=None, help="ground-truth openness (.npz corpus clip, .npy, .json)")
     e.add_argument("--json", action="store_true", help="one-line JSON")
+    e.add_argument("--window", type=float, default=None,
+                   help="also score every window of this many seconds (e.g. 60: per minute, for drift)")
     e.add_argument("--corpus", default=None, help="instead of --video: render and score a held-out corpus")
     e.add_argument("--clips", type=int, default=None, help="with --corpus: the first N clips only")
     e.add_argument("--steps", type=int, default=None, help="with --corpus: sampler steps")

@@ -34,6 +34,21 @@ def _speech(segments, total_s, sr=SR, seed=0):
 
 # ------------------------------------------------------------------------------------- onsets
 
+
+async def _serve(posts, deletes=None):
+    """A throwaway aiohttp server on a free loopback port -> (runner, port); runner.cleanup() ends it."""
+    from aiohttp import web
+    app = web.Application()
+    for path, fn in posts.items():
+        app.router.add_post(path, fn)
+    for path, fn in (deletes or {}).items():
+        app.router.add_delete(path, fn)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
 def test_speech_onsets_need_a_pause_before_them():
     # 0.1 s between the first two bursts is no pause; 0.4 s before the third is
     a = _speech([(0.30, 0.80), (0.90, 1.30), (1.70, 2.20)], 2.6)
@@ -223,13 +238,7 @@ def test_http_error_from_offer_is_a_client_error_with_the_servers_reason(short_w
             assert "127.0.0.1" in body["sdp"]  # the loopback candidate was offered
             return web.json_response({"error": "unknown avatar '7'"}, status=400)
 
-        app = web.Application()
-        app.router.add_post("/offer", offer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, port = await _serve({"/offer": offer})
         try:
             await C.run_client_async(f"http://127.0.0.1:{port}", short_wav, avatar="7")
         finally:
@@ -323,14 +332,7 @@ def test_a_loopback_session_with_a_stub_server(short_wav, tmp_path):
         return web.json_response({})
 
     async def scenario():
-        app = web.Application()
-        app.router.add_post("/offer", offer)
-        app.router.add_delete("/sessions/{sid}", delete)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, port = await _serve({"/offer": offer}, {"/sessions/{sid}": delete})
         try:
             return await C.run_client_async(f"http://127.0.0.1:{port}", short_wav, record=str(tmp_path / "r.mp4"),
                                             json_path=str(tmp_path / "s.json"), tail_s=0.3)

@@ -206,3 +206,44 @@ def test_unknown_avatar_and_closed_session():
         with pytest.raises(RuntimeError):
             s.push_audio(np.zeros(320, np.float32), 16000)
     asyncio.run(go())
+
+
+def test_ice_servers_from_config():
+    from streaming.server import ice_server
+    assert ice_server("stun:stun.example.org:3478").urls == "stun:stun.example.org:3478"
+    turn = ice_server({"urls": "turn:t.example.org:3478", "username": "u", "credential": "p"})
+    assert (turn.urls, turn.username, turn.credential) == ("turn:t.example.org:3478", "u", "p")
+    with pytest.raises(ValueError):
+        ice_server({"url": "stun:x"})
+
+
+def test_telemetry_cli_table_and_csv(tmp_path, capsys):
+    """`syncavatar telemetry --csv`: a line per message and a CSV row with the schema's columns."""
+    import csv
+
+    from streaming.telemetry import watch
+    addr = f"tcp://127.0.0.1:{__import__('conftest').free_port()}"
+    pub = Telemetry(addr)
+    stop = threading.Event()
+
+    def publish():  # until the watcher has had time to join (slow joiner), then a little more
+        k = 0
+        while not stop.is_set():
+            pub.publish("s1", "chunk", 40.0 * k, chunk=k, kind="speech", gen_ms=120.5, latency_est_ms=650.0)
+            k += 1
+            time.sleep(0.02)
+
+    th = threading.Thread(target=publish)
+    th.start()
+    try:
+        n = watch(addr, csv_path=str(tmp_path / "t.csv"), duration=1.5)
+    finally:
+        stop.set()
+        th.join()
+        pub.close()
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert n > 5 and len(rows) == n
+    assert rows[-1]["type"] == "chunk" and rows[-1]["gen_ms"] == "120.5" and rows[-1]["session"] == "s1"
+    assert [int(r["chunk"]) for r in rows] == list(range(int(rows[0]["chunk"]), int(rows[0]["chunk"]) + n))
+    out = capsys.readouterr().out
+    assert "chunk=" in out and "latency_est_ms=650.0" in out

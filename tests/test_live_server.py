@@ -34,6 +34,7 @@ def test_http_endpoints_and_errors(live_server):
     status, err = _http("POST", live_server + "/offer", json.dumps({"sdp": "v=0", "type": "offer", "avatar": "x"}))
     assert status == 400 and "avatar" in err["error"]
     assert _http("DELETE", live_server + "/sessions/nope")[0] == 404
+    assert _http("GET", live_server + "/ice-servers") == (200, {"iceServers": []})  # none by default
 
 
 def test_python_client_end_to_end_with_telemetry_for_every_chunk(live_server_proc, tmp_path):
@@ -96,3 +97,21 @@ def test_unseen_avatar_gets_its_idle_loop(live_server, avatar, tmp_path):
     wav = _espeak_wav(tmp_path / "s.wav", "Hello there.")
     stats = run_client(live_server, str(wav), avatar=avatar)
     assert stats["frames_received"] >= stats["audio_s"] * 25
+
+
+def test_embedding_example_runs(tmp_path):
+    """The README's embedding example (clients/embed_example.py): mic in real time -> frames + speech."""
+    import subprocess
+    import sys
+
+    from conftest import _espeak_wav
+    from engine.media import load_audio
+    wav = _espeak_wav(tmp_path / "s.wav", "Good evening.", voice="en-us+m2")
+    out = tmp_path / "e.mp4"
+    r = subprocess.run([sys.executable, "-m", "clients.embed_example", str(wav), str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    frames, audio, _ = read_mp4(out)
+    speech_s = len(load_audio(wav, 16000)) / 16000
+    assert abs(len(frames) - (speech_s + 0.2) * 25) <= 2 and audio is not None
+    assert "speech_frames" in r.stdout

@@ -103,7 +103,13 @@
     if (stale()) { mic.getTracks().forEach((t) => t.stop()); return; }
     sa.micStartedAt = performance.now();
 
-    pc = new RTCPeerConnection();
+    let iceServers = [];  // the server's STUN/TURN list ([server] ice_servers), none by default
+    try {
+      const r = await fetch(api("ice-servers"));
+      if (r.ok) iceServers = (await r.json()).iceServers || [];
+    } catch (e) { /* no list: host candidates only */ }
+    if (stale()) { mic.getTracks().forEach((t) => t.stop()); return; }
+    pc = new RTCPeerConnection({ iceServers });
     const thisPc = pc;
     pc.addTransceiver(mic.getAudioTracks()[0], { direction: "sendrecv", streams: [mic] });
     pc.addTransceiver("video", { direction: "recvonly" });
