@@ -141,7 +141,8 @@ class Connection:
         self.video.put(None)
         self.audio.put(None)
         for t in self.tasks:
-            t.cancel()
+            if t is not asyncio.current_task():  # close() may run inside one of them
+                t.cancel()
         await self.pc.close()
         self.server.connections.pop(self.session.id, None)
         self.server.ended.append(self.session.id)
@@ -232,8 +233,17 @@ class AvatarServer:
             await conn.close()
             return _error(400, f"bad offer: {type(e).__name__}: {e}")
         conn.start()
+        conn.tasks.append(asyncio.ensure_future(self._expire_unconnected(conn)))
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
                                   "session": session.id})
+
+    async def _expire_unconnected(self, conn: Connection):
+        """A session whose peer never connects must not hold a slot (max_sessions) forever."""
+        timeout = self.config.server.connect_timeout_s
+        await asyncio.sleep(timeout)
+        if conn.pc.connectionState != "connected" and not conn.closed:
+            log.info("session %s: not connected after %g s, closing", conn.session.id, timeout)
+            await conn.close()
 
     async def delete(self, request):
         sid = request.match_info["id"]

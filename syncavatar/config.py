@@ -64,7 +64,8 @@ class ServerConfig:
     telemetry: str = "tcp://127.0.0.1:5556"  # ZMQ PUB address; "" = off
     ice_servers: list = field(default_factory=list)  # e.g. ["stun:stun.example.org:3478"]
     host_candidates: list = field(default_factory=list)  # [] = discover; ["127.0.0.1"] = loopback only
-    max_sessions: int = 2
+    max_sessions: int = 1
+    connect_timeout_s: float = 30.0  # a session whose peer has not connected by then is closed
 
 
 @dataclass

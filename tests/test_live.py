@@ -247,3 +247,36 @@ def test_telemetry_cli_table_and_csv(tmp_path, capsys):
     assert [int(r["chunk"]) for r in rows] == list(range(int(rows[0]["chunk"]), int(rows[0]["chunk"]) + n))
     out = capsys.readouterr().out
     assert "chunk=" in out and "latency_est_ms=650.0" in out
+
+
+def test_server_turns_extra_sessions_away_and_expires_unconnected_ones(monkeypatch):
+    """In-process server with a fake engine: 503 past max_sessions, a peer that never connects is dropped."""
+    import aioice.ice
+    from aiohttp.test_utils import TestClient, TestServer
+    from aiortc import RTCPeerConnection
+
+    from streaming.server import AvatarServer
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda *a, **k: ["127.0.0.1"])  # loopback only
+
+    async def go():
+        engine = FakeEngine({0: 10, 1: 10})
+        engine.config.server.max_sessions = 1
+        engine.config.server.connect_timeout_s = 0.5
+        server = AvatarServer(engine.config, engine, Telemetry(None))
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio", direction="sendrecv")
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = {"sdp": pc.localDescription.sdp, "type": "offer", "avatar": "0"}
+        async with TestClient(TestServer(server.app())) as client:
+            r = await client.post("/offer", json=offer)
+            assert r.status == 200 and (await r.json())["type"] == "answer"
+            r = await client.post("/offer", json=offer)
+            assert r.status == 503 and "full" in (await r.json())["error"]
+            await asyncio.sleep(1.5)  # nobody answers our end: the session expires
+            assert not server.connections
+            r = await client.post("/offer", json=offer)
+            assert r.status == 200  # the slot is free again
+        await pc.close()
+    asyncio.run(go())
