@@ -76,7 +76,6 @@ class Engine:
         self.config = config
         self.cfg = _model_config(config)
         self.level_names = [config.live.cache, config.live.boost_cache]
-        self.gen_ms = [None, None]  # running mean of one chunk's generation time per cache level
         self.pending = 0  # chunks queued or generating, all sessions
         self._free_at = 0.0  # predicted monotonic time the worker has finished every queued chunk
         self._lock = threading.Lock()
@@ -92,6 +91,7 @@ class Engine:
         msg = self._out.get(timeout=ready_timeout_s)
         if msg[0] != "ready":
             raise RuntimeError(f"generation worker failed to start: {msg[1]}")
+        self.gen_ms = list(msg[1])  # measured at start-up, then a running mean of live chunks
         self.closed = False
         self._reader = threading.Thread(target=self._read, name="syncavatar-results", daemon=True)
         self._reader.start()
@@ -120,10 +120,8 @@ class Engine:
         return [self._proc.pid] if self._proc.is_alive() else []
 
     def estimate_ms(self, level: int) -> float:
-        """Expected generation time of one chunk at a cache level (a guess before the first measurement)."""
-        if self.gen_ms[level] is not None:
-            return self.gen_ms[level]
-        return 140.0 if level == 0 else 120.0
+        """Expected generation time of one chunk at a cache level (measured at start-up, then live)."""
+        return self.gen_ms[level]
 
     def idle_loop(self, avatar: str, timeout_s: float = 120) -> IdleLoop:
         """The avatar's idle loop, made on the worker on first use (blocks the caller until then)."""
@@ -289,14 +287,19 @@ class _Worker:
 def _worker_main(config: Config, inq, outq):
     try:
         w = _Worker(config)
-        # warm up (first forwards allocate): one silent chunk
-        w.chunk("warmup", config.engine.avatar, np.zeros((w.cfg.audio_frames + 2) * SAMPLES_PER_FRAME, np.float32),
-                0, None)
+        # warm up (the first forwards allocate), then time each cache level on a few silent chunks: the
+        # policy's first predictions use these instead of guesses
+        silence = np.zeros((w.cfg.audio_frames + 2) * SAMPLES_PER_FRAME, np.float32)
+        w.chunk("warmup", config.engine.avatar, silence, 0, None)
+        gen_ms = []
+        for level in range(len(w.levels)):
+            gen_ms.append(float(np.median([w.chunk("warmup", config.engine.avatar, silence, level, None)[1]["gen_ms"]
+                                           for _ in range(3)])))
         w.gens.pop("warmup", None)
     except Exception as e:
         outq.put(("error", f"{type(e).__name__}: {e}"))
         return
-    outq.put(("ready",))
+    outq.put(("ready", gen_ms))
     parent = mp.parent_process()
     while True:
         try:

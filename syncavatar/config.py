@@ -44,7 +44,8 @@ class LiveConfig:
     boost_cache: str = "synccache"  # backpressure level 1: a higher cache ratio
     boost_schedule: str = "configs/synccache/ref-XS-10-boost.json"
     bf16: bool = True  # generate under bfloat16 autocast (1.3x faster on this CPU; 59-64 dB PSNR vs fp32)
-    playout_delay_ms: int = 520  # frame i is shown this long after its audio was captured (one clock)
+    lookahead_wait: int = 2  # look-ahead frames a chunk waits for (the model has 2; fewer = zeros, less latency)
+    playout_delay_ms: int = 400  # frame i is shown this long after its audio was captured (one clock)
     vad_mode: int = 3  # webrtcvad aggressiveness 0..3
     hangover_ms: int = 200  # speech stays on this long after VAD last heard it (lets the mouth close)
     max_ahead_chunks: int = 4  # bounded queue: chunks waiting for or in generation
