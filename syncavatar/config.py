@@ -66,6 +66,7 @@ class ServerConfig:
     ice_servers: list = field(default_factory=list)  # e.g. ["stun:stun.example.org:3478"]
     host_candidates: list = field(default_factory=list)  # [] = discover; ["127.0.0.1"] = loopback only
     max_sessions: int = 1
+    audio_jitter_frames: int = 1  # received audio packets aiortc buffers before decoding (its own default: 4)
     connect_timeout_s: float = 30.0  # a session whose peer has not connected by then is closed
 
 

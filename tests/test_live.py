@@ -280,3 +280,16 @@ def test_server_turns_extra_sessions_away_and_expires_unconnected_ones(monkeypat
             assert r.status == 200  # the slot is free again
         await pc.close()
     asyncio.run(go())
+
+
+def test_audio_jitter_frames_patches_only_audio_receivers(monkeypatch):
+    import aiortc.rtcrtpreceiver as receiver
+
+    from streaming.server import use_audio_jitter_frames
+    monkeypatch.setattr(receiver, "JitterBuffer", receiver.JitterBuffer)  # undone after the test
+    use_audio_jitter_frames(1)
+    use_audio_jitter_frames(2)  # applying twice wraps the original, not the wrapper
+    audio = receiver.JitterBuffer(capacity=16, prefetch=4)
+    video = receiver.JitterBuffer(capacity=128, is_video=True)
+    assert audio._prefetch == 2 and video._prefetch == 0
+    assert receiver._syncavatar_jitter_buffer.__name__ == "JitterBuffer"
