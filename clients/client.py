@@ -240,9 +240,10 @@ def speech_onsets(audio: np.ndarray, sr: int = MIC_RATE, drop_db: float = ONSET_
 
 def _first_loud_block(a: np.ndarray, start: int, end: int, thr: float, block: int, default: int) -> int:
     """Start of the first `block`-sample block in a[start:end] whose RMS level reaches thr (dB)."""
+    from engine.audio import level_db
     for s in range(max(start, 0), end, block):
-        seg = a[s:s + block].astype(np.float64)
-        if seg.size and 20 * np.log10(np.sqrt(np.mean(seg ** 2)) + 1e-5) >= thr:
+        seg = a[s:s + block]
+        if seg.size and level_db(seg) >= thr:
             return s
     return default
 
@@ -383,6 +384,7 @@ def av_offset(audio: np.ndarray, audio_t0: float | None, frame_times, openness: 
     screen (sample-and-hold by receive time) is cross-correlated with the loudness (dB) of the 40 ms of
     audio playing from each grid time on, over lags of +-max_lag_s. None when nothing correlates.
     """
+    from engine.audio import level_db
     from engine.lipsync import peak_corr
     ft = np.asarray(frame_times, np.float64)
     if len(ft) < 3 or audio_t0 is None or not len(audio):
@@ -393,8 +395,8 @@ def av_offset(audio: np.ndarray, audio_t0: float | None, frame_times, openness: 
     env = np.empty(len(grid))
     for j, t in enumerate(grid):
         s = int(round((t - audio_t0) * sr))
-        seg = np.asarray(audio[max(s, 0):max(s + span, 0)], np.float64)
-        env[j] = 20 * np.log10(np.sqrt(np.mean(seg ** 2)) + 1e-5) if seg.size else SILENCE_DB
+        seg = audio[max(s, 0):max(s + span, 0)]
+        env[j] = level_db(seg) if len(seg) else SILENCE_DB
     conf, lag = peak_corr(o, env, max_lag=int(round(max_lag_s * GRID_HZ)))
     return (lag * 1000.0 / GRID_HZ if conf > 0 else None), float(conf)
 

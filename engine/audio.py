@@ -65,6 +65,12 @@ class LogMel(nn.Module):
         return torch.log(mel + 1e-5).reshape(*shape, self.n_mels, mel.shape[-1])
 
 
+def level_db(segment) -> float:
+    """RMS level of a stretch of audio in dB (full scale = 0 dB; silence -100 dB)."""
+    seg = np.asarray(segment, np.float64)
+    return 20.0 * np.log10(float(np.sqrt(np.mean(seg ** 2))) + 1e-5) if seg.size else -100.0
+
+
 def loudness_envelope(audio: np.ndarray, sr: int = SAMPLE_RATE, fps: float = 25,
                       n_frames: int | None = None) -> np.ndarray:
     """RMS level in dB of each video frame's audio span (1/fps s): float32[T], T = ceil(S*fps/sr)."""
@@ -73,7 +79,5 @@ def loudness_envelope(audio: np.ndarray, sr: int = SAMPLE_RATE, fps: float = 25,
     T = int(np.ceil(len(a) / hop)) if n_frames is None else int(n_frames)
     out = np.empty(T, np.float32)
     for i in range(T):
-        seg = a[int(round(i * hop)):int(round((i + 1) * hop))]
-        rms = float(np.sqrt(np.mean(seg.astype(np.float64) ** 2))) if seg.size else 0.0
-        out[i] = 20.0 * np.log10(rms + 1e-5)
+        out[i] = level_db(a[int(round(i * hop)):int(round((i + 1) * hop))])
     return out

@@ -137,6 +137,10 @@ class Engine:
                 raise RuntimeError(f"could not make the idle loop of avatar {avatar}")
         return self._idle[avatar]
 
+    def ready_idle_loop(self, avatar: str) -> IdleLoop | None:
+        """The avatar's idle loop if it has been made already (never blocks)."""
+        return self._idle.get(str(avatar))
+
     async def idle_loop_async(self, avatar: str) -> IdleLoop:
         if str(avatar) in self._idle:
             return self._idle[str(avatar)]

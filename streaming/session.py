@@ -109,7 +109,7 @@ class Session:
         self._proc = None  # psutil handles (this process and the generation worker) for CPU / RSS
         self._loop = None
         self.monitor = LoopMonitor()
-        self.idle = engine._idle.get(self.avatar)
+        self.idle = engine.ready_idle_loop(self.avatar)
         self.publish("session", event="start", avatar=self.avatar, playout_delay_ms=self.live.playout_delay_ms,
                      cache=engine.level_names[0])
 

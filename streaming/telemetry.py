@@ -76,18 +76,6 @@ def messages(address: str, session: str = "", poll_s: float = 0.2):
         sock.close(0)
 
 
-def subscribe(address: str, session: str = "", timeout_s: float | None = None):
-    """Yield message dicts; stop after timeout_s seconds without a message (None: never)."""
-    import time
-    last = time.monotonic()
-    for msg in messages(address, session):
-        if msg is not None:
-            last = time.monotonic()
-            yield msg
-        elif timeout_s is not None and time.monotonic() - last > timeout_s:
-            return
-
-
 # columns of the live table (`syncavatar telemetry`): message type -> fields
 TABLE = {
     "chunk": ["chunk", "kind", "level", "gen_ms", "computed_steps", "reused_steps", "jobs_queued",

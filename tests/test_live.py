@@ -125,6 +125,9 @@ class FakeEngine:
     def worker_pids(self):
         return []
 
+    def ready_idle_loop(self, avatar):
+        return self._idle.get(avatar)
+
     async def idle_loop_async(self, avatar):
         return self._idle[avatar]
 
