@@ -1,9 +1,11 @@
 """`syncavatar bench cache`: every cache method at several settings on held-out clips, against uncached.
 
-For each clip the uncached render comes first, then every method/setting in turn (interleaved: one
-clip at a time, all methods, so machine noise hits them alike). Per method and setting, over clips:
-- `speedup`: median over clips of uncached DiT time / the method's DiT time (same process, same clip);
-- `rtf`: median generation time / audio duration;
+For each clip the uncached model and every method/setting render side by side in lockstep, one chunk
+each in turn (the order rotates every chunk), so the machine's speed drift hits them alike. Per method
+and setting, over clips:
+- `speedup`: median over clips of uncached DiT time / the method's DiT time (same process, same clip,
+  same minutes);
+- `rtf`: median generation time (time in the generator's chunk calls) / audio duration;
 - `psnr`, `ssim`: frames vs the uncached frames (mean over frames, then clips). Generation is
   autoregressive (each chunk continues from the last chunk's latents), so a small difference in one chunk
   shifts every later one (head sway and blinks are not tied to the audio and wander off): this measures
@@ -16,11 +18,14 @@ clip at a time, all methods, so machine noise hits them alike). Per method and s
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from engine.model.audio_encoder import FPS, SAMPLE_RATE
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,21 +51,20 @@ def bench_cache(model, methods, corpus="data/heldout", clips=6, progress=True) -
     """methods: list of (name, label, cache config or None). Returns {"rows": [...], "clips": [...]}."""
     from tqdm import tqdm
 
-    from engine.generator import Avatar, ChunkGenerator, render_frames
+    from engine.generator import Avatar, ChunkGenerator
     from engine.lipsync import evaluate_arrays
     data = load_clips(corpus, clips)
     per = {label: [] for _, label, _ in methods}
-    bar = tqdm(total=len(data) * (1 + len(methods)), desc="bench cache", unit="render", disable=not progress)
+    bar = tqdm(total=sum(-(-len(c["openness"]) // model.cfg.frames) for c in data), desc="bench cache",
+               unit="chunk", disable=not progress)
     for c in data:
         avatar = Avatar("bench", c["ref"], c["ref_person_mask"].astype(bool), c["ref_face_mask"].astype(bool))
-        base, base_stats = render_frames(model, avatar, c["audio"])
         audio_t = torch.from_numpy(c["audio"].astype(np.float32))
+        runs = _lockstep(model, avatar, audio_t, methods, bar)
+        base, base_stats = runs[None]
         motions = _uncached_motions(ChunkGenerator(model, avatar), audio_t, len(base))
-        bar.update(1)
         for name, label, cache in methods:
-            t0 = time.perf_counter()
-            frames, stats = render_frames(model, avatar, c["audio"], cache=cache)
-            wall = time.perf_counter() - t0
+            frames, stats = runs[label]
             lip = evaluate_arrays(frames, c["audio"])
             gen = ChunkGenerator(model, avatar, cache=cache)
             try:
@@ -69,12 +73,11 @@ def bench_cache(model, methods, corpus="data/heldout", clips=6, progress=True) -
                 gen.close()
             per[label].append({
                 "method": name, "speedup": base_stats["dit_ms"] / max(stats["dit_ms"], 1e-6),
-                "rtf": stats["rtf"], "base_rtf": base_stats["rtf"], "wall_s": wall,
+                "rtf": stats["rtf"], "base_rtf": base_stats["rtf"], "wall_s": stats["total_ms"] / 1000,
                 "psnr": psnr(frames, base), "ssim": ssim(frames, base), "psnr_chunk": psnr(forced, base),
                 "sync_conf": lip["sync_conf"], "offset_frames": lip["offset_frames"],
                 "computed_steps": stats.get("computed_steps"), "reused_steps": stats.get("reused_steps"),
                 "cache_bytes": stats.get("cache_bytes", 0)})
-            bar.update(1)
     bar.close()
     rows = []
     for name, label, _ in methods:
@@ -91,7 +94,73 @@ def bench_cache(model, methods, corpus="data/heldout", clips=6, progress=True) -
                                           / max(1, np.sum([(x["reused_steps"] or 0) + (x["computed_steps"] or 0)
                                                            for x in r]))),
                      "cache_bytes": int(max(x["cache_bytes"] or 0 for x in r))})
-    return {"clips": len(data), "corpus": str(corpus), "rows": rows, "per_clip": per}
+    result = {"clips": len(data), "corpus": str(corpus), "rows": rows, "per_clip": per}
+    result["matched"] = matched(rows)
+    return result
+
+
+SYNCCACHE_ROWS = ("synccache", "synccache-probe")  # the paper's method (schedule or probe), not the extension
+
+
+def matched(rows, tol=0.10, psnr_margin=1.0, sync_margin=0.05):
+    """Per peer setting: among SyncCache settings within +-tol of its speedup, the one that beats it by most
+    (PSNR gain in units of psnr_margin dB, or sync_conf gain in units of sync_margin, whichever is larger),
+    and whether that reaches 1: >= psnr_margin dB whole-video PSNR or >= sync_margin sync_conf (issue 3)."""
+    ours = [r for r in rows if r["method"] in SYNCCACHE_ROWS]
+    out = []
+    for p in rows:
+        if p["method"] in SYNCCACHE_ROWS or p["method"] in ("none", "synccache-stream"):
+            continue
+        near = [r for r in ours if abs(r["speedup"] / p["speedup"] - 1) <= tol]
+        row = {"peer": p["setting"], "peer_speedup": p["speedup"], "peer_psnr": p["psnr"],
+               "peer_sync_conf": p["sync_conf"], "synccache": None, "wins": False}
+        if near:
+            def margin(r):
+                return max((r["psnr"] - p["psnr"]) / psnr_margin, (r["sync_conf"] - p["sync_conf"]) / sync_margin)
+            best = max(near, key=margin)
+            row |= {"synccache": best["setting"], "speedup": best["speedup"], "d_psnr": best["psnr"] - p["psnr"],
+                    "d_sync_conf": best["sync_conf"] - p["sync_conf"], "wins": margin(best) >= 1.0}
+        out.append(row)
+    return out
+
+
+def _lockstep(model, avatar, audio_t, methods, bar=None):
+    """Render one clip with the plain model and with every method, chunk by chunk in lockstep: at each
+    chunk every generator makes its next chunk, in an order that rotates from chunk to chunk. This
+    machine's speed drifts by tens of percent within a minute; in lockstep the drift hits every method
+    alike, so speedups are ratios of time spent side by side.
+    -> {None: (plain frames, stats), label: (frames, stats)}; stats as render_frames' (dit_ms, total_ms =
+    time in the generator's chunk calls, rtf, computed/reused steps, cache_bytes)."""
+    import copy
+
+    from engine.generator import ChunkGenerator
+    total = max(1, math.ceil(len(audio_t) / SAMPLE_RATE * FPS))
+    w = model.cfg.frames
+    gens = {None: ChunkGenerator(model, avatar)}
+    for _, label, cache in methods:  # hooks attach to the DiT: one copy of the model per cached method
+        gens[label] = ChunkGenerator(copy.deepcopy(model) if cache is not None else model, avatar, cache=cache)
+    keys = list(gens)
+    frames = {k: [] for k in keys}
+    wall = dict.fromkeys(keys, 0.0)
+    try:
+        for ci in range(-(-total // w)):
+            r = ci % len(keys)
+            for k in keys[r:] + keys[:r]:
+                t0 = time.perf_counter()
+                frames[k].append(gens[k].chunk(audio_t, ci * w))
+                wall[k] += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+        out = {}
+        audio_s = len(audio_t) / SAMPLE_RATE
+        for k, g in gens.items():
+            out[k] = (np.concatenate(frames[k])[:total],
+                      {"dit_ms": g.timer["dit_ms"], "total_ms": wall[k] * 1000, "rtf": wall[k] / audio_s}
+                      | g.cache_stats())
+    finally:
+        for g in gens.values():
+            g.close()
+    return out
 
 
 def _uncached_motions(gen, audio_t, frames):
@@ -149,18 +218,23 @@ def default_sweep(steps, schedule_path, calibration_path, stream_schedule_path=N
     """(method, label, config) for every method at a few settings; SyncCache's shipped schedule first.
 
     SyncCache's other settings are re-solved by DP from the span errors the shipped schedule's
-    calibration recorded (its meta), at other reuse fractions; no new calibration runs.
+    calibration recorded (its meta), at other reuse fractions, with the shipped schedule's forecast setting;
+    no new calibration runs. A forecasting schedule is also run without its forecast (plain reuse).
     """
     from synccache import Schedule, ScheduleError, SyncCacheConfig, plan
 
     from engine.caching import cache_config
+    from engine.calibrate import errors_from_meta
     out = [("none", "none", None)]
     sched = Schedule.load(schedule_path)
     out.append(("synccache", f"synccache(schedule {sched.reuse_count} reuses)",
                 cache_config("synccache", steps, schedule=schedule_path)))
-    err = [[float("inf") if v is None else v for v in row] for row in sched.meta["span_errors"]]
-    shipped = sched.reuse_count
-    for frac in (0.6, 0.75, 0.8, 0.85, 0.9):
+    err = errors_from_meta(sched.meta)
+    shipped, forecast = sched.reuse_count, int(sched.meta.get("forecast", 0))
+    if forecast:  # the same plan without the forecast: what the paper's plain reuse gives
+        out.append(("synccache", f"synccache(schedule {shipped} reuses, no forecast)",
+                    SyncCacheConfig(schedule=sched, forecast=0)))
+    for frac in (0.2, 0.4, 0.6, 0.75, 0.8, 0.85, 0.9):
         k = int(round(frac * len(err) * (steps - 1)))
         if k != shipped:
             try:
@@ -168,7 +242,8 @@ def default_sweep(steps, schedule_path, calibration_path, stream_schedule_path=N
                            max_run=sched.meta.get("max_run"), spans=sched.spans)
             except ScheduleError:  # not reachable with this max_run
                 continue
-            out.append(("synccache", f"synccache(schedule {k} reuses)", SyncCacheConfig(schedule=alt)))
+            out.append(("synccache", f"synccache(schedule {k} reuses)",
+                        SyncCacheConfig(schedule=alt, forecast=forecast)))
     if stream_schedule_path is not None and Path(stream_schedule_path).exists():
         out.append(("synccache-stream", "synccache-stream", cache_config(
             "synccache-stream", steps, stream_schedule=stream_schedule_path)))
@@ -187,6 +262,20 @@ def default_sweep(steps, schedule_path, calibration_path, stream_schedule_path=N
             raise ValueError(f"unknown bench methods {sorted(unknown)}")
         out = [m for m in out if m[0] in only or m[0] == "none"]
     return out
+
+
+def print_matched(result):
+    """Markdown table: each peer setting against the best SyncCache setting at its speed (+-10%)."""
+    print("| peer | speedup | PSNR | sync_conf | SyncCache at matched speed | speedup | dPSNR | dsync_conf | wins |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m in result.get("matched", []):
+        if m["synccache"] is None:
+            print(f"| {m['peer']} | {m['peer_speedup']:.2f}x | {m['peer_psnr']:.1f} | {m['peer_sync_conf']:.3f} "
+                  f"| none within 10% | | | | no |")
+            continue
+        print(f"| {m['peer']} | {m['peer_speedup']:.2f}x | {m['peer_psnr']:.1f} | {m['peer_sync_conf']:.3f} | "
+              f"{m['synccache']} | {m['speedup']:.2f}x | {m['d_psnr']:+.1f} | {m['d_sync_conf']:+.3f} | "
+              f"{'yes' if m['wins'] else 'no'} |")
 
 
 def print_table(result):

@@ -8,6 +8,7 @@ residuals (the budget) and on which steps they are reused.
 """
 from __future__ import annotations
 
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from synccache import ScheduleError, max_spans_for_bytes, plan, reference_layout
+from synccache.schedule import one_step_errors
 from synccache.calibrate import SpanErrorRecorder
 
 DEFAULT_SCHEDULE_DIR = Path(__file__).resolve().parents[1] / "configs" / "synccache"
@@ -77,14 +79,17 @@ def run_chunks(model, clips, steps, guidance, noise_scale, max_chunks=12, fixed_
         gen.chunk(audio, k * model.cfg.frames)
 
 
-def record_errors(model, clips, steps, guidance, noise_scale, cross=False, progress=True):
-    """(err, cross_err or None, chunks): span reuse errors [span][step] averaged over the chunks."""
-    rec = SpanErrorRecorder(model.dit, reference_layout(model.dit), cross=cross)
+def record_errors(model, clips, steps, guidance, noise_scale, cross=False, progress=True, max_age=1, forecast=0):
+    """(err, cross_err or None, chunks): span reuse errors averaged over the chunks, [span][step], or with
+    max_age > 1 [span][step][age - 1] (SpanErrorRecorder.errors_by_age, residuals forecast if asked)."""
+    rec = SpanErrorRecorder(model.dit, reference_layout(model.dit), cross=cross, max_age=max_age,
+                            forecast=forecast)
     try:
         run_chunks(model, clips, steps, guidance, noise_scale, fixed_noise=cross,
                    before_chunk=lambda k: rec.reset(next_chunk=k > 0), progress=progress,
                    desc="calibrate (stream)" if cross else "calibrate")
-        return rec.errors(), (rec.cross_errors() if cross else None), rec.samples()
+        err = rec.errors_by_age() if max_age > 1 else rec.errors()
+        return err, (rec.cross_errors() if cross else None), rec.samples()
     finally:
         rec.remove()
 
@@ -114,17 +119,78 @@ def add_cross(sched, err, cross_err):
     return sched
 
 
+def _resolve(errors_from, out, steps, budget, reuse_fraction, error_bound, max_run, warmup, plot):
+    """calibrate(errors_from=...): a new plan from a schedule file's recorded errors."""
+    from synccache import Schedule
+    src = Schedule.load(errors_from)
+    if src.steps != steps:
+        raise ValueError(f"{errors_from} was calibrated for {src.steps} steps, not {steps} (--steps)")
+    meta = dict(src.meta)
+    if "span_errors" not in meta:
+        raise ValueError(f"{errors_from} holds no recorded errors (meta 'span_errors')")
+    err = errors_from_meta(meta)
+    if any(isinstance(v, list) for row in err for v in row) and max_run is not None:
+        ages = min(len(v) for row in err for v in row if isinstance(v, list))
+        if max_run > ages:
+            raise ValueError(f"{errors_from} recorded errors for residuals up to {ages} steps old: "
+                             f"--max-run {max_run} needs a new calibration")
+    spans = src.spans or [[0, 0]] * src.num_spans
+    max_spans = parse_budget(budget, meta.get("span_bytes", 1), src.num_spans)
+    if max_spans < 1:
+        raise ValueError(f"budget {budget!r} holds no span residual")
+    sched = solve(err, steps, max_spans, spans, reuse_fraction, error_bound, max_run, warmup)
+    for k in ("solver", "max_spans", "max_run", "error_bound", "reuses", "warmup"):
+        meta.pop(k, None)
+    sched.meta |= meta | {"budget": str(budget), "reuse_fraction": reuse_fraction if error_bound is None else None,
+                          "warmup": warmup, "errors_from": str(errors_from)}
+    sched.spans = src.spans
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sched.save(out)
+    if plot:
+        plot_schedule(one_step_errors(err), sched, plot)
+    return {"out": str(out), "steps": steps, "spans": src.num_spans, "cached_spans": sched.cached_spans,
+            "reused_span_steps": sched.reuse_count, "computed_span_steps": src.num_spans * steps - sched.reuse_count,
+            "predicted_error": round(sched.error, 5), "errors_from": str(errors_from)}
+
+
 def _table(err):
-    return [[round(v, 5) if np.isfinite(v) else None for v in row] for row in err]
+    """JSON-able error table (inf -> None); entries may be lists by age."""
+    def cell(v):
+        if isinstance(v, (list, tuple)):
+            return [cell(x) for x in v]
+        return round(v, 5) if np.isfinite(v) else None
+    return [[cell(v) for v in row] for row in err]
+
+
+def errors_from_meta(meta) -> list:
+    """The error table a schedule's calibration stored (None -> inf), by age where it was recorded so."""
+    def cell(v):
+        if isinstance(v, list):
+            return [cell(x) for x in v]
+        return math.inf if v is None else float(v)
+    return [[cell(v) for v in row] for row in meta["span_errors"]]
 
 
 def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.9, error_bound=None,
               max_run=6, warmup=1, guidance=None, noise_scale=None, plot=None, stream_out=None,
-              peers_out=None, progress=True) -> dict:
-    """Measure, solve, save the schedule JSON (and the streaming schedule, and the peers' calibration)."""
+              peers_out=None, progress=True, forecast=0, errors_from=None) -> dict:
+    """Measure, solve, save the schedule JSON (and the streaming schedule, and the peers' calibration).
+
+    errors_from: a schedule JSON whose calibration already recorded the errors (its meta): solve again
+    from them (another reuse fraction, budget or bound) without recording; its steps, guidance, noise,
+    forecast and calibration set are kept, and nothing else (stream, peers) is made.
+
+    forecast: written into the schedule (SyncCacheConfig.forecast follows it); 1 stores a slope next to
+    each residual, so a span costs twice the bytes of the budget. The errors are recorded by residual age
+    (1..max_run steps old, forecast as the hooks will) so that the DP prices runs of reuses by their real
+    staleness; the streaming schedule keeps one-step errors.
+    """
     from synccache.baselines import calibrate_baselines, save_calibration
 
     from engine.sampler import DEFAULT_GUIDANCE, DEFAULT_NOISE_SCALE
+    if errors_from is not None:
+        return _resolve(errors_from, out, steps, budget, reuse_fraction, error_bound, max_run, warmup, plot)
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     noise_scale = DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale
     layout = reference_layout(model.dit)
@@ -133,14 +199,16 @@ def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.
     tokens = 1 + cfg.motion_frames + cfg.frames
     batch = 2 if guidance != 1.0 else 1
     span_bytes = batch * tokens * cfg.tokens_per_frame * cfg.hidden * 4  # one float32 residual
+    span_bytes *= 2 if forecast else 1  # and its slope
     max_spans = parse_budget(budget, span_bytes, len(spans))
     if max_spans < 1:
         raise ValueError(f"budget {budget!r} holds no span residual ({span_bytes} bytes each)")
     data = calibration_clips(clips, corpus)
     meta = {"steps": steps, "guidance": guidance, "noise_scale": noise_scale, "budget": str(budget),
             "span_bytes": span_bytes, "calibration_clips": len(data), "warmup": warmup,
-            "reuse_fraction": reuse_fraction if error_bound is None else None}
-    err, _, samples = record_errors(model, data, steps, guidance, noise_scale, progress=progress)
+            "reuse_fraction": reuse_fraction if error_bound is None else None, "forecast": int(forecast)}
+    err, _, samples = record_errors(model, data, steps, guidance, noise_scale, progress=progress,
+                                    max_age=min(max_run or steps - 1, steps - 1), forecast=forecast)
     sched = solve(err, steps, max_spans, spans, reuse_fraction, error_bound, max_run, warmup)
     sched.meta |= meta | {"calibration_chunks": samples, "span_errors": _table(err)}
     out = Path(out)
@@ -151,7 +219,7 @@ def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.
                "computed_span_steps": len(spans) * steps - sched.reuse_count,
                "predicted_error": round(sched.error, 5), "calibration_chunks": samples}
     if plot:
-        plot_schedule(err, sched, plot)
+        plot_schedule(one_step_errors(err), sched, plot)
     if stream_out:
         serr, xerr, _ = record_errors(model, data, steps, guidance, noise_scale, cross=True, progress=progress)
         ssched = add_cross(solve(serr, steps, max_spans, spans, reuse_fraction, error_bound, max_run, warmup),

@@ -149,7 +149,7 @@ def cmd_calibrate(a):
                             reuse_fraction=a.reuse_fraction, error_bound=a.error_bound, max_run=a.max_run or None,
                             guidance=cfg.model.guidance, noise_scale=cfg.model.noise_scale, plot=a.plot,
                             stream_out=a.stream_out or None, peers_out=a.peers_out or None,
-                            progress=not a.quiet)
+                            progress=not a.quiet, forecast=a.forecast, errors_from=a.errors_from)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(json.dumps(summary))
@@ -157,7 +157,7 @@ def cmd_calibrate(a):
 
 # ------------------------------------------------------------------------------------------ bench
 def cmd_bench(a):
-    from engine.bench import bench_cache, default_sweep, pareto_plot, print_table, write_json
+    from engine.bench import bench_cache, default_sweep, pareto_plot, print_matched, print_table, write_json
     from engine.model.avatar import load_model
     cfg = _config(a)
     model = load_model(a.weights or cfg.path(cfg.model.weights))
@@ -172,6 +172,8 @@ def cmd_bench(a):
     if a.plot:
         pareto_plot(result, a.plot)
     print_table(result)
+    print()
+    print_matched(result)
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -255,7 +257,12 @@ def build_parser():
     c.add_argument("--error-bound", type=float, default=None, help="instead: most reuses with error <= this")
     c.add_argument("--max-run", type=int, default=6,
                    help="most consecutive reuses of one span (0: no limit); a residual gets stale")
+    c.add_argument("--forecast", type=int, choices=(0, 1), default=1,
+                   help="1: reuse steps extrapolate each residual from the span's last two computed steps "
+                        "(twice the memory); 0: add the last residual as it is (the paper)")
     c.add_argument("--plot", default=None, help="heat map PNG of the errors and the chosen steps")
+    c.add_argument("--errors-from", default=None,
+                   help="solve again from the errors a schedule file recorded (no new calibration run)")
     c.add_argument("--stream-out", default="configs/synccache/ref-XS-stream.json",
                    help="also solve the streaming extension's schedule (cross-chunk reuse); '' to skip")
     c.add_argument("--peers-out", default="configs/synccache/peers.json",

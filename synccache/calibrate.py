@@ -7,6 +7,12 @@ which it stores fresh residuals. The error of reusing span s at step t is the re
 bypassed step's output from the plain output; `errors()` averages it over every sample recorded.
 A step costs 1 + (number of spans) forwards while recording.
 
+With max_age=A > 1 it also bypasses each span with the residual of 2, ..., A steps before:
+`errors_by_age()` is [span][step][age - 1], the table by age that lets the DP price a run of reuses by
+what it costs (a residual gets stale). With forecast=1 the residual of step t-a is extrapolated as the
+hooks do (SyncCacheConfig.forecast), with the slope from step t-2a (a plan computing every a steps; no
+slope from step 0). A step then costs up to 1 + spans * A forwards.
+
 With cross=True (the streaming extension) it also measures, from the second chunk of a session on
 (`reset(next_chunk=True)` between chunks), the error of bypassing span s at step t with the residual it
 had at step t of the previous chunk: `cross_errors()`. That costs another (number of spans) forwards.
@@ -35,16 +41,21 @@ def rel_l1(cur: torch.Tensor, ref: torch.Tensor) -> float:
 class SpanErrorRecorder:
     """Measures err[s][t] on the uncached trajectory; removable like the cache hooks."""
 
-    def __init__(self, model: nn.Module, layout: BlockLayout, cross: bool = False):
+    def __init__(self, model: nn.Module, layout: BlockLayout, cross: bool = False, max_age: int = 1,
+                 forecast: int = 0):
         layout.validate()
-        self.cross = cross
+        if max_age < 1 or forecast not in (0, 1):
+            raise ValueError(f"max_age must be >= 1 and forecast 0 or 1, got {max_age}, {forecast}")
+        self.cross, self.max_age, self.forecast = cross, int(max_age), int(forecast)
+        self._hist = {}  # step -> {span: residual}, for ages > 1 and the forecast
         self._xsum, self._xcount = {}, {}
         self._bank, self._prev_bank = {}, {}  # step -> {span: residual}
         layout.check_model(model)
         self.model, self.layout = model, layout
         self.spans = layout.spans()
         self._span_of = {i: s for s, (a, b) in enumerate(self.spans) for i in range(a, b + 1)}
-        self._sum, self._count = {}, {}  # (s, t) -> summed error, samples
+        self._sum, self._count = {}, {}  # (s, t) -> summed error, samples (age 1)
+        self._asum, self._acount = {}, {}  # (s, t, age) -> summed error, samples
         self._bypass = None  # span bypassed in the current forward, or None (plain, recording)
         self._bypass_res = None
         self._res, self._inp = {}, {}
@@ -70,20 +81,39 @@ class SpanErrorRecorder:
     def _forward(self, plain_forward, *args, **kwargs):
         self._step += 1
         t = self._step
-        outs, xouts = {}, {}
-        if len(self._res) == len(self.spans):  # residuals of the previous step exist
-            outs = self._bypassed(plain_forward, args, kwargs, self._res)
+        by_age = {}  # (span, age) -> output with the span bypassed by its (forecast) residual of step t-age
+        for a in range(1, min(t, self.max_age) + 1):
+            if len(self._hist.get(t - a, {})) == len(self.spans):
+                res = {s: self._residual(s, t, a) for s in range(len(self.spans))}
+                by_age |= {(s, a): o for s, o in self._bypassed(plain_forward, args, kwargs, res).items()}
+        xouts = {}
         prev = self._prev_bank.get(t, {})
         if self.cross and len(prev) == len(self.spans):
             xouts = self._bypassed(plain_forward, args, kwargs, prev)
         out = plain_forward(*args, **kwargs)
-        for store, count, got in ((self._sum, self._count, outs), (self._xsum, self._xcount, xouts)):
-            for s, o in got.items():
-                store[(s, t)] = store.get((s, t), 0.0) + rel_l1(o, out)
-                count[(s, t)] = count.get((s, t), 0) + 1
+        for (s, a), o in by_age.items():
+            e = rel_l1(o, out)
+            self._asum[(s, t, a)] = self._asum.get((s, t, a), 0.0) + e
+            self._acount[(s, t, a)] = self._acount.get((s, t, a), 0) + 1
+            if a == 1:
+                self._sum[(s, t)] = self._sum.get((s, t), 0.0) + e
+                self._count[(s, t)] = self._count.get((s, t), 0) + 1
+        for s, o in xouts.items():
+            self._xsum[(s, t)] = self._xsum.get((s, t), 0.0) + rel_l1(o, out)
+            self._xcount[(s, t)] = self._xcount.get((s, t), 0) + 1
+        self._hist[t] = dict(self._res)
+        self._hist.pop(t - 2 * self.max_age, None)
         if self.cross:
             self._bank[t] = dict(self._res)
         return out
+
+    def _residual(self, s, t, a):
+        """Span s's residual from step t-a, forecast to step t when configured (slope from step t-2a)."""
+        r = self._hist[t - a][s]
+        old = self._hist.get(t - 2 * a, {}).get(s)
+        if self.forecast and old is not None and t - 2 * a >= 1:
+            return r + (r - old)  # slope (r - old) / a, extrapolated a steps
+        return r
 
     def _bypassed(self, plain_forward, args, kwargs, residuals):
         """Outputs of the step with each span bypassed in turn by residuals[span]."""
@@ -106,11 +136,18 @@ class SpanErrorRecorder:
         """A new sample: step numbering restarts and no residual is carried over, except with next_chunk
         (the next chunk of the same session), which keeps this chunk's per-step residuals for cross errors."""
         self._prev_bank = self._bank if next_chunk else {}
-        self._step, self._res, self._inp, self._bank = -1, {}, {}, {}
+        self._step, self._res, self._inp, self._bank, self._hist = -1, {}, {}, {}, {}
 
     def errors(self) -> list:
         """[spans][steps] mean error of reusing span s at step t (inf where never measured: step 0)."""
         return self._table(self._sum, self._count)
+
+    def errors_by_age(self) -> list:
+        """[spans][steps][ages] mean error of reusing span s at step t with the residual of step t - age
+        (inf where never measured)."""
+        steps = 1 + max((t for _, t in self._count), default=0)
+        return [[[self._asum[(s, t, a)] / self._acount[(s, t, a)] if (s, t, a) in self._acount else math.inf
+                  for a in range(1, self.max_age + 1)] for t in range(steps)] for s in range(len(self.spans))]
 
     def cross_errors(self) -> list:
         """[spans][steps] mean error of taking span s's residual from step t of the previous chunk."""

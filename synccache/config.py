@@ -23,6 +23,10 @@ class SyncCacheConfig:
       banked at the same step of the previous chunk (the caller resets with next_chunk=True between
       chunks of one session and starts every chunk from the same noise).
     stream_refresh: most consecutive chunks one banked residual may serve before it is recomputed.
+    forecast: 0 = a reuse step adds the residual stored on the span's last computed step (the paper);
+      1 = first-order forecast: that residual plus its per-step change between the span's last two
+      computed steps, times the steps since (as TaylorSeer forecasts features; twice the memory).
+      None = the schedule's own setting (its meta "forecast"), else 0.
     """
     enabled: bool = True
     threshold: float = 0.15
@@ -34,6 +38,7 @@ class SyncCacheConfig:
     schedule: Optional[Union[Schedule, str, Path]] = None
     stream: bool = False
     stream_refresh: int = 4
+    forecast: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.schedule, (str, Path)):
@@ -42,6 +47,10 @@ class SyncCacheConfig:
             raise ValueError(f"schedule must be a Schedule or a path, got {type(self.schedule).__name__}")
         if self.stream and (self.schedule is None or self.schedule.cross is None):
             raise ValueError("stream=True needs a schedule with 'cross' steps (syncavatar calibrate --stream)")
+        if self.forecast is None:
+            self.forecast = int(self.schedule.meta.get("forecast", 0)) if self.schedule is not None else 0
+        if self.forecast not in (0, 1):
+            raise ValueError(f"forecast must be 0 (plain reuse) or 1 (first order), got {self.forecast!r}")
         if self.stream_refresh < 1:
             raise ValueError(f"stream_refresh must be >= 1, got {self.stream_refresh}")
         if self.threshold < 0:

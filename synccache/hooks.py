@@ -10,7 +10,9 @@ One model forward = one denoising step. Per step:
   the residual it stored at the same step of the previous chunk (reset(next_chunk=True) carries them
   over); a carried residual is used for at most `stream_refresh` chunks in a row, then recomputed.
 On a reuse step, each cached span's first block returns (input + the residual stored on its last
-computed step) and its other blocks pass their input through without running. Audio blocks are never
+computed step) and its other blocks pass their input through without running. With config.forecast = 1
+the residual is extrapolated to the current step from the span's last two computed steps (r0 at step t0,
+r1 at t1 < t0): r0 + (t - t0) (r0 - r1) / (t0 - t1); with one computed step so far, r0 as it is. Audio blocks are never
 touched: the model calls them as usual, on the current hidden state, at every step. On a computed step
 every cached span stores output - input. Spans outside the budget always run.
 
@@ -53,13 +55,15 @@ class _State:
         self.mode = [COMPUTE] * n_spans  # per span, this step
         self.inp = [None] * n_spans  # span input, held within a computed step
         self.res = [None] * n_spans  # stored residual (output - input) from the last computed step
+        self.res_step = [None] * n_spans  # the step it was computed on
+        self.slope = [None] * n_spans  # forecast: its change per step between the last two computed steps
         self.active = None  # spans allowed to keep residuals, resolved at the first heavy call
         self.anchor = None  # probe output of the last fully computed step
         self.acc, self.run = 0.0, 0
         self.bank, self.prev_bank = {}, {}  # stream: (span, step) -> (residual, age in chunks)
 
     def cache_bytes(self):
-        held = [r for r in self.res if r is not None] + [r for r, _ in self.bank.values()]
+        held = [r for r in self.res + self.slope if r is not None] + [r for r, _ in self.bank.values()]
         held += [r for r, _ in self.prev_bank.values()]
         return sum(r.numel() * r.element_size() for r in {id(r): r for r in held}.values())
 
@@ -114,14 +118,20 @@ class SyncCacheHandle:
         self.state.active = cand
 
     def _store(self, s, res):
-        """Keep span s's residual unless that would exceed cache_bytes (then s is always computed)."""
+        """Keep span s's residual (and its forecast slope) unless that would exceed cache_bytes (then s is
+        always computed)."""
         st = self.state
-        st.res[s] = None
+        prev, prev_step = st.res[s], st.res_step[s]
+        st.res[s], st.slope[s], st.res_step[s] = None, None, None
         limit = self.config.cache_bytes
-        if limit is not None and st.cache_bytes() + res.numel() * res.element_size() > limit:
+        need = res.numel() * res.element_size() * (2 if self.config.forecast else 1)
+        if limit is not None and st.cache_bytes() + need > limit:
             st.active = [a for a in st.active if a != s]
             return
-        st.res[s] = res
+        st.res[s], st.res_step[s] = res, st.step
+        # step 0 sees pure noise: its residual is off the smooth part of the trajectory, no slope from it
+        if self.config.forecast and prev is not None and prev.shape == res.shape and 0 < prev_step < st.step:
+            st.slope[s] = (res - prev) / (st.step - prev_step)
         self._stats.peak_bytes = max(self._stats.peak_bytes, st.cache_bytes())
 
     # --- per step ----------------------------------------------------------------------------------
@@ -198,7 +208,7 @@ class SyncCacheHandle:
             elif i == first:
                 r, age = st.prev_bank[(s, st.step)]
                 if r.shape == x.shape:
-                    st.res[s] = r  # later in-chunk reuses continue from it
+                    st.res[s], st.res_step[s], st.slope[s] = r, st.step, None  # later reuses continue from it
                     st.bank[(s, st.step)] = (r, age + 1)
                     return x + r
                 st.mode[s] = COMPUTE
@@ -207,6 +217,8 @@ class SyncCacheHandle:
         if i == first and st.mode[s] == REUSE:
             r = st.res[s]
             if cached and r is not None and r.shape == x.shape:
+                if st.slope[s] is not None:
+                    return torch.add(x + r, st.slope[s], alpha=st.step - st.res_step[s])
                 return x + r
             st.mode[s] = COMPUTE  # nothing valid to reuse: compute this span
         if st.mode[s] == REUSE:

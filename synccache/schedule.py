@@ -1,20 +1,24 @@
 """Offline schedule: which spans keep residuals and on which steps they are reused, chosen by DP.
 
 Formulation. Calibration gives err[s][t] >= 0, the error of reusing span s at step t (the output change
-when span s is bypassed with its stored residual at step t; inf = never reuse there). Errors are taken as
-additive across span-steps. A plan caches at most `max_spans` spans (the memory budget: each cached span
-stores one residual) and marks reuse steps per cached span, never before `warmup` (and never at step 0,
-which has no residual yet), with at most `max_run` consecutive reuses per span. Its cost saved is the
-number of reused span-steps K, its error the sum of err over them.
+when span s is bypassed with its stored residual at step t; inf = never reuse there). An entry may also
+be a list over the residual's age, err[s][t][a-1] for a residual computed a steps earlier (a = 1, 2, ...;
+past the list's end: inf): a stale residual errs more, and a table by age lets the plan weigh a long run
+of reuses by what it really costs instead of by its one-step errors. Errors are taken as additive across
+span-steps. A plan caches at most `max_spans` spans (the memory budget: each cached span stores one
+residual) and marks reuse steps per cached span, never before `warmup` (and never at step 0, which has
+no residual yet), with at most `max_run` consecutive reuses per span. Its cost saved is the number of
+reused span-steps K, its error the sum of err over them (at their ages).
 
 E(K) = the least error over plans reusing exactly K span-steps; it is non-decreasing in K (dropping a
-reuse keeps a plan valid). `plan` computes the whole curve E(K) by dynamic programming, then answers
-either question with it:
+reuse keeps a plan valid with one-step errors; with errors by age, dropping the last reuse of a run
+does). `plan` computes the whole curve E(K) by dynamic programming, then answers either question with it:
   error_bound=b  -> the largest K with E(K) <= b (maximise reuses under an error bound), or
   reuses=K       -> the least-error plan with K reuses.
-DP: per span, over steps with state (reuses so far, current run length) -> min error for each k; then a
-grouped knapsack over spans with state (spans cached, total reuses). `brute_force` enumerates every plan
-(small cases only) and is what the tests check the DP against.
+DP: per span, over steps with state (reuses so far, current run length) -> min error for each k; the
+run length is the residual's age minus one; then a grouped knapsack over spans with state (spans cached,
+total reuses). `brute_force` enumerates every plan (small cases only) and is what the tests check the DP
+against.
 """
 import itertools
 import json
@@ -166,18 +170,39 @@ def max_spans_for_bytes(cache_bytes: int, span_bytes: int) -> int:
 
 
 # --- dynamic programming ---------------------------------------------------------------------------
+def _cost(entry, age):
+    """Error of a reuse whose residual is `age` steps old: a number (any age) or a list by age."""
+    if isinstance(entry, tuple):
+        return entry[age - 1] if age <= len(entry) else math.inf
+    return entry
+
+
 def _check_err(err):
-    """Validate the error table -> list of float rows."""
-    rows = [[float(v) for v in row] for row in err]
+    """Validate the error table -> rows of floats or (by age) tuples of floats."""
+    def entry(v, s):
+        if isinstance(v, (list, tuple)):
+            out = tuple(float(x) for x in v)
+            if not out:
+                raise ScheduleError(f"error row {s} has an empty list of errors by age")
+        else:
+            out = (float(v),)
+        if any(math.isnan(x) or x < 0 for x in out):
+            raise ScheduleError(f"error row {s} has negative or NaN entries")
+        return out if isinstance(v, (list, tuple)) else out[0]
+
+    rows = [[entry(v, s) for v in row] for s, row in enumerate(err)]
     if not rows or not rows[0]:
         raise ScheduleError("error table is empty")
     steps = len(rows[0])
     for s, row in enumerate(rows):
         if len(row) != steps:
             raise ScheduleError(f"error row {s} has {len(row)} steps, expected {steps}")
-        if any(math.isnan(v) or v < 0 for v in row):
-            raise ScheduleError(f"error row {s} has negative or NaN entries")
     return rows
+
+
+def one_step_errors(err) -> list:
+    """[spans][steps] errors of reusing a residual from the step before (the age-1 slice of a table)."""
+    return [[_cost(v, 1) for v in row] for row in _check_err(err)]
 
 
 def _span_curve(row, warmup, max_run):
@@ -190,8 +215,9 @@ def _span_curve(row, warmup, max_run):
         nxt, par = {}, {}
         for (k, r), e in layer.items():
             moves = [((k, 0), e, False)]
-            if t >= max(warmup, 1) and r < run_cap and math.isfinite(row[t]):
-                moves.append(((k + 1, r + 1), e + row[t], True))
+            cost = _cost(row[t], r + 1)
+            if t >= max(warmup, 1) and r < run_cap and math.isfinite(cost):
+                moves.append(((k + 1, r + 1), e + cost, True))
             for key, val, reused in moves:
                 if key not in nxt or val < nxt[key]:
                     nxt[key], par[key] = val, ((k, r), reused)
@@ -272,20 +298,25 @@ def brute_force(err: Sequence[Sequence[float]], max_spans: int, *, error_bound: 
     free = [t for t in range(max(warmup, 1), steps)]
     run_cap = steps if max_run is None else max_run
 
-    def valid(chosen, row):
+    def cost(chosen, row):
+        """Summed error of reusing at `chosen` (each at its age), or None if the plan is invalid."""
         run = longest = 0
+        total = 0.0
         for t in range(steps):
             run = run + 1 if t in chosen else 0
             longest = max(longest, run)
-        return longest <= run_cap and all(math.isfinite(row[t]) for t in chosen)
+            if run:
+                total += _cost(row[t], run)
+        return total if longest <= run_cap and math.isfinite(total) else None
 
     per_span = []
     for row in rows:
         opts = []
         for n in range(len(free) + 1):
             for chosen in itertools.combinations(free, n):
-                if valid(set(chosen), row):
-                    opts.append((n, sum(row[t] for t in chosen), list(chosen)))
+                e = cost(set(chosen), row)
+                if e is not None:
+                    opts.append((n, e, list(chosen)))
         per_span.append(opts)
     curve = {}
     for combo in itertools.product(*per_span):

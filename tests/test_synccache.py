@@ -36,6 +36,24 @@ def _euler(dit, cond, noise, steps=STEPS):
     return x, vs
 
 
+@torch.no_grad()
+def _manual_step(dit, cond, x, t, residuals=None):
+    """One step by hand: each span computed (-> its residual) or, given residuals, bypassed by adding them;
+    the audio blocks always run. -> (velocity, {span: residual})."""
+    h, c = dit.embed(x, t, cond)
+    rec = {}
+    for s, (a, b) in enumerate(reference_layout(dit).spans()):
+        inp = h
+        if residuals is None:
+            for i in range(a, b + 1):
+                h = dit.blocks[i](h, c)
+            rec[s] = h - inp
+        else:
+            h = h + residuals[s]
+        h = dit.audio_step(dit.audio_slot[b], h, cond)
+    return dit.head(h, c, cond), rec
+
+
 def _hook_state(dit):
     mods = [dit, *dit.blocks, *dit.audio_blocks]
     return [(len(m._forward_pre_hooks), len(m._forward_hooks), "forward" in m.__dict__) for m in mods]
@@ -139,25 +157,10 @@ def test_reuse_step_adds_stored_residuals(setup):
     spans = layout.spans()
     sched = Schedule(reuse=[[0, 1, 0] for _ in spans], spans=[list(p) for p in spans])
 
-    @torch.no_grad()
-    def manual(x, t, residuals=None):
-        h, c = dit.embed(x, t, cond)
-        rec = {}
-        for s, (a, b) in enumerate(spans):
-            inp = h
-            if residuals is None:
-                for i in range(a, b + 1):
-                    h = dit.blocks[i](h, c)
-                rec[s] = h - inp
-            else:
-                h = h + residuals[s]
-            h = dit.audio_step(dit.audio_slot[b], h, cond)
-        return dit.head(h, c, cond), rec
-
     ts = timesteps(3)
-    v0, res = manual(noise, ts[0].expand(1))
+    v0, res = _manual_step(dit, cond, noise, ts[0].expand(1))
     x1 = noise + (ts[1] - ts[0]) * v0
-    v1, _ = manual(x1, ts[1].expand(1), res)
+    v1, _ = _manual_step(dit, cond, x1, ts[1].expand(1), res)
     with apply_synccache(dit, SyncCacheConfig(schedule=sched), layout) as h:
         with torch.no_grad():
             w0 = dit(noise, ts[0].expand(1), cond)
@@ -165,6 +168,51 @@ def test_reuse_step_adds_stored_residuals(setup):
         s = h.stats()
     assert s["mode"] == "schedule" and s["decisions"] == "CR" and not s["probe_error"]
     assert torch.allclose(w0, v0, atol=1e-6) and torch.allclose(w1, v1, atol=1e-6)
+
+
+def test_forecast_extrapolates_residuals_from_the_last_two_computed_steps(setup):
+    """forecast=1: steps 0-2 computed, steps 3 and 4 add r2 + (t - 2) (r2 - r1); no slope from step 0 (pure
+    noise), so a reuse right after steps 0 and 1 would add r1 as it is; memory doubles."""
+    dit, cond, noise = setup
+    layout = reference_layout(dit)
+    spans = layout.spans()
+    sched = Schedule(reuse=[[0, 0, 0, 1, 1] for _ in spans], spans=[list(p) for p in spans],
+                     meta={"forecast": 1})
+
+    ts = timesteps(5)
+    xs, vs, res = [noise], [], []
+    for k in range(5):
+        t = ts[k].expand(1)
+        if k < 3:
+            v, r = _manual_step(dit, cond, xs[-1], t)
+            res.append(r)
+        else:
+            v, _ = _manual_step(dit, cond, xs[-1], t, {s: res[2][s] + (k - 2) * (res[2][s] - res[1][s]) for s in res[2]})
+        vs.append(v)
+        xs.append(xs[-1] + (ts[k + 1] - ts[k]) * v)
+    assert SyncCacheConfig(schedule=sched).forecast == 1  # taken from the schedule
+    for forecast, want in ((1, vs), (0, None)):
+        with apply_synccache(dit, SyncCacheConfig(schedule=sched, forecast=forecast), layout) as h:
+            with torch.no_grad():
+                got = [dit(xs[k], ts[k].expand(1), cond) for k in range(5)]
+            s = h.stats()
+        assert s["decisions"] == "CCCRR"
+        if want is not None:
+            assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+            one = sum(r.numel() * r.element_size() for r in res[0].values())
+            assert s["cache_bytes"] == 2 * one  # residual + slope per span
+        else:  # plain reuse differs from the forecast on steps 3 and 4 only
+            assert all(torch.equal(got[k], vs[k]) for k in range(3))
+            assert not torch.allclose(got[3], vs[3], atol=1e-5)
+    with pytest.raises(ValueError, match="forecast"):
+        SyncCacheConfig(schedule=sched, forecast=2)
+    early = Schedule(reuse=[[0, 0, 1, 1, 1] for _ in spans], spans=[list(p) for p in spans])
+    outs = []
+    for forecast in (0, 1):  # after steps 0 and 1 only: no slope (step 0 is pure noise), plain reuse
+        with apply_synccache(dit, SyncCacheConfig(schedule=early, forecast=forecast), layout):
+            with torch.no_grad():
+                outs.append([dit(xs[k], ts[k].expand(1), cond) for k in range(5)])
+    assert all(torch.equal(p, q) for p, q in zip(*outs))
 
 
 def test_budget_is_never_exceeded(setup):
@@ -274,6 +322,27 @@ def test_dp_matches_brute_force():
         _check_plan(dp, err, max_spans, warmup, max_run)
     with pytest.raises(ScheduleError, match="cannot reuse"):
         plan([[0.1, 0.1]], 1, reuses=5)
+
+
+def test_dp_with_errors_by_age_matches_brute_force():
+    """Entries may be lists by residual age: a run of reuses is priced at each reuse's age."""
+    rng = random.Random(1)
+    for case in range(40):
+        n_spans, steps = rng.randint(1, 3), rng.randint(2, 5)
+        err = [[rng.choice([[rng.random() for _ in range(rng.randint(1, 3))], rng.random(), math.inf])
+                for _ in range(steps)] for _ in range(n_spans)]
+        max_spans, warmup, max_run = rng.randint(0, n_spans), 1, rng.choice([None, 2])
+        kw = dict(warmup=warmup, max_run=max_run)
+        for k, (e, _) in error_curve(err, max_spans, **kw).items():
+            dp, bf = plan(err, max_spans, reuses=k, **kw), brute_force(err, max_spans, reuses=k, **kw)
+            assert dp.reuse_count == bf.reuse_count == k
+            assert math.isclose(dp.error, bf.error, abs_tol=1e-9) and math.isclose(dp.error, e, abs_tol=1e-9)
+    # staleness: one-step errors alone would reuse steps 1-3 in a row; by age the plan alternates
+    by_age = [[math.inf] + [[0.1, 1.0, 5.0]] * 4]
+    best = plan(by_age, 1, reuses=2)
+    assert best.error == pytest.approx(0.2) and not any(a and b for a, b in zip(best.reuse[0], best.reuse[0][1:]))
+    with pytest.raises(ScheduleError, match="empty list"):
+        plan([[0.1, []]], 1, reuses=1)
 
 
 def test_schedule_json_round_trip_and_bad_files(tmp_path):

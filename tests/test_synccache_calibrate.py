@@ -147,3 +147,32 @@ def test_cache_config_by_name(tmp_path):
         cache_config("warpdrive", 20)
     with pytest.raises(ValueError, match="calibration file"):
         cache_config("teacache", 20, calibration=tmp_path / "missing.json")
+
+
+def test_recorder_errors_by_age(setup):
+    """errors_by_age()[s][t][a-1]: span s reused at step t with the residual of step t-a; age 1 = errors()."""
+    dit, cond, noise = setup
+    plain = _euler(dit, cond, noise)
+    tables = {}
+    for forecast in (0, 1):
+        with SpanErrorRecorder(dit, reference_layout(dit), max_age=3, forecast=forecast) as rec:
+            rec.reset()
+            assert torch.equal(_euler(dit, cond, noise), plain)
+            tables[forecast] = rec.errors_by_age()
+            one = rec.errors()
+        for row, row1 in zip(tables[forecast], one):
+            assert len(row) == STEPS and all(len(e) == 3 for e in row)
+            for t, e in enumerate(row):
+                assert (math.isinf(e[0]) and math.isinf(row1[t])) or e[0] == row1[t]
+                for a in (1, 2, 3):
+                    assert math.isfinite(e[a - 1]) == (a <= t)  # no residual before step 0
+    for s in range(len(tables[0])):  # a slope needs steps t-a and t-2a >= 1 (never from step 0)
+        for t in range(STEPS):
+            for a in (1, 2, 3):
+                p, f = tables[0][s][t][a - 1], tables[1][s][t][a - 1]
+                if a <= t and t - 2 * a >= 1:
+                    assert p != f
+                elif a <= t:
+                    assert p == f
+    with pytest.raises(ValueError, match="max_age"):
+        SpanErrorRecorder(dit, reference_layout(dit), max_age=0)
