@@ -12,9 +12,9 @@ One model forward = one denoising step. Per step:
 On a reuse step, each cached span's first block returns (input + the residual stored on its last
 computed step) and its other blocks pass their input through without running. With config.forecast = 1
 the residual is extrapolated to the current step from the span's last two computed steps (r0 at step t0,
-r1 at t1 < t0): r0 + (t - t0) (r0 - r1) / (t0 - t1); with one computed step so far, r0 as it is. Audio blocks are never
-touched: the model calls them as usual, on the current hidden state, at every step. On a computed step
-every cached span stores output - input. Spans outside the budget always run.
+r1 at t1 < t0, t1 >= 1): r0 + (t - t0) (r0 - r1) / (t0 - t1); without such a pair, r0 as it is. Audio
+blocks are never touched: the model calls them as usual, on the current hidden state, at every step. On a
+computed step every cached span stores output - input. Spans outside the budget always run.
 
 How it attaches: each heavy block gets an instance-level `forward` wrapper (the class method stays as
 it is), the model gets a forward pre-hook and an always-called forward hook that bracket the step, and
