@@ -134,16 +134,14 @@ def _resolve(errors_from, out, steps, budget, reuse_fraction, error_bound, max_r
         if max_run > ages:
             raise ValueError(f"{errors_from} recorded errors for residuals up to {ages} steps old: "
                              f"--max-run {max_run} needs a new calibration")
-    spans = src.spans or [[0, 0]] * src.num_spans
     max_spans = parse_budget(budget, meta.get("span_bytes", 1), src.num_spans)
     if max_spans < 1:
         raise ValueError(f"budget {budget!r} holds no span residual")
-    sched = solve(err, steps, max_spans, spans, reuse_fraction, error_bound, max_run, warmup)
+    sched = solve(err, steps, max_spans, src.spans, reuse_fraction, error_bound, max_run, warmup)
     for k in ("solver", "max_spans", "max_run", "error_bound", "reuses", "warmup"):
         meta.pop(k, None)
     sched.meta |= meta | {"budget": str(budget), "reuse_fraction": reuse_fraction if error_bound is None else None,
                           "warmup": warmup, "errors_from": str(errors_from)}
-    sched.spans = src.spans
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sched.save(out)

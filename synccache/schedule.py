@@ -180,15 +180,13 @@ def _cost(entry, age):
 def _check_err(err):
     """Validate the error table -> rows of floats or (by age) tuples of floats."""
     def entry(v, s):
-        if isinstance(v, (list, tuple)):
-            out = tuple(float(x) for x in v)
-            if not out:
-                raise ScheduleError(f"error row {s} has an empty list of errors by age")
-        else:
-            out = (float(v),)
-        if any(math.isnan(x) or x < 0 for x in out):
+        by_age = isinstance(v, (list, tuple))
+        vals = tuple(float(x) for x in v) if by_age else (float(v),)
+        if not vals:
+            raise ScheduleError(f"error row {s} has an empty list of errors by age")
+        if any(math.isnan(x) or x < 0 for x in vals):
             raise ScheduleError(f"error row {s} has negative or NaN entries")
-        return out if isinstance(v, (list, tuple)) else out[0]
+        return vals if by_age else vals[0]
 
     rows = [[entry(v, s) for v in row] for s, row in enumerate(err)]
     if not rows or not rows[0]:
