@@ -154,7 +154,8 @@ def encode_corpus(corpus, run_dir, preset="ref-S", init=None):
 
 # ---------------------------------------------------------------------------------------------- DiT
 class ChunkSampler:
-    """Random training chunks: target latents, motion latents, audio window, masks, openness."""
+    """Random training chunks: target latents, motion latents, audio window, masks, openness, and the
+    chunk before it (its latents' motion and audio), from which the model's own motion can be predicted."""
 
     def __init__(self, clips, latents, cfg, rng):
         self.clips, self.latents, self.cfg, self.rng = clips, latents, cfg, rng
@@ -163,45 +164,97 @@ class ChunkSampler:
     def batch(self, n):
         cfg = self.cfg
         w, m = cfg.frames, cfg.motion_frames
-        xs, mots, refs, auds, opens, faces, persons = [], [], [], [], [], [], []
+        pre = m + w  # a clip starts in the reference pose, so before frame 0 = reference
+        keys = ("x", "mot", "ref", "aud", "open", "face", "person", "x_prev", "mot_prev", "aud_prev", "has_prev")
+        out = {k: [] for k in keys}
         for _ in range(n):
             ci = int(self.rng.integers(len(self.clips)))
             c, lat = self.clips[ci], self.latents[self.clips[ci]["name"]]
             z, ref = lat["z"].float(), lat["ref"].float()
             t_len = z.shape[0]
-            # chunks start anywhere; a clip starts in the reference pose, so before frame 0 = reference
-            s = int(self.rng.integers(0, max(1, t_len - w + 1)))
+            s = int(self.rng.integers(0, max(1, t_len - w + 1)))  # chunks start anywhere
             if self.rng.random() < 0.1:
                 s = 0
-            padded = torch.cat([ref[None].repeat(m, 1, 1, 1), z, z[-1:].repeat(w, 1, 1, 1)])
-            xs.append(padded[m + s:m + s + w])
-            mots.append(padded[s:s + m])
-            refs.append(ref)
-            auds.append(audio_window(self.audio[ci], s - cfg.lookback, cfg.audio_frames))
+            padded = torch.cat([ref[None].repeat(pre, 1, 1, 1), z, z[-1:].repeat(w, 1, 1, 1)])
+            out["x"].append(padded[pre + s:pre + s + w])
+            out["mot"].append(padded[pre + s - m:pre + s])
+            out["x_prev"].append(padded[pre + s - w:pre + s])
+            out["mot_prev"].append(padded[pre + s - w - m:pre + s - w])
+            out["has_prev"].append(s >= w)
+            out["ref"].append(ref)
+            out["aud"].append(audio_window(self.audio[ci], s - cfg.lookback, cfg.audio_frames))
+            out["aud_prev"].append(audio_window(self.audio[ci], s - w - cfg.lookback, cfg.audio_frames))
             op = np.zeros(cfg.audio_frames, np.float32)
             for j in range(cfg.audio_frames):
                 f = s - cfg.lookback + j
                 if 0 <= f < len(c["openness"]):
                     op[j] = c["openness"][f]
-            opens.append(torch.from_numpy(op))
-            faces.append(torch.from_numpy(c["ref_face_mask"]).float())
-            persons.append(torch.from_numpy(c["ref_person_mask"]).float())
-        return (torch.stack(xs), torch.stack(mots), torch.stack(refs), torch.stack(auds),
-                torch.stack(opens), torch.stack(faces), torch.stack(persons))
+            out["open"].append(torch.from_numpy(op))
+            out["face"].append(torch.from_numpy(c["ref_face_mask"]).float())
+            out["person"].append(torch.from_numpy(c["ref_person_mask"]).float())
+        out["has_prev"] = [torch.tensor(h) for h in out["has_prev"]]
+        return {k: torch.stack(v) for k, v in out.items()}
+
+
+def _load_init(model, init):
+    """Start the DiT and audio encoder from shipped weights; an audio encoder of another shape starts fresh."""
+    from safetensors.torch import load_file
+    sd = {k: v.float() for k, v in load_file(str(init)).items()}
+    model.dit.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("dit.")})
+    try:
+        model.audio.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("audio.")})
+        print(f"DiT and audio encoder start from {init}")
+        return True
+    except RuntimeError:
+        print(f"DiT starts from {init}; its audio encoder has another shape, so the audio encoder starts fresh")
+        return False
+
+
+def warm_up_audio(model, data, steps, batch=64, lr=1e-3):
+    """Train a fresh audio encoder on the openness aux loss alone, so the DiT meets meaningful tokens."""
+    opt = torch.optim.AdamW(model.audio.parameters(), lr=lr)
+    for step in tqdm(range(steps), desc="audio warm-up", unit="step"):
+        b = data.batch(batch)
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = F.mse_loss(model.audio.frame_openness(model.audio(b["aud"])), b["open"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    print(f"audio warm-up: openness mse {loss.item():.4f}")
+
+
+@torch.no_grad()
+def predicted_motion(model, b, t_range=(0.1, 0.7)):
+    """The model's own guess of the motion latents: a one-step x0 prediction of the previous chunk from a
+    random noise level. At inference the motion tokens come from generated chunks, whose mouths err
+    towards the mean; true motion latents (plus white noise) never show the model such errors."""
+    n = b["x"].shape[0]
+    m = model.cfg.motion_frames
+    x_prev = b["x_prev"]
+    t = torch.empty(n).uniform_(*t_range)
+    noise = torch.randn_like(x_prev)
+    tt = t[:, None, None, None, None]
+    xt = (1 - tt) * x_prev + tt * noise
+    cond = model.dit.prepare(b["ref"], b["mot_prev"], model.audio(b["aud_prev"]), b["face"], b["person"])
+    v = model.dit(xt, t, cond).float()
+    return (xt - tt * v)[:, -m:]
 
 
 def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="ref-S", bf16=True, init=None,
-              audio_drop=0.1, motion_noise=0.25):
+              audio_drop=0.1, motion_noise=0.25, self_motion=0.5, audio_warmup=3000):
     """Stage 3: audio encoder + DiT, rectified flow matching with a face- and motion-weighted loss and an
     openness aux loss.
 
     audio_drop: fraction of samples trained with null audio tokens (all zeros), so the sampler can use
     classifier-free guidance on the audio. motion_noise: the largest noise added to the motion latents
     (relative to their unit scale): at inference they come from generated chunks, and a model that can
-    copy clean motion frames learns to extrapolate the mouth instead of listening.
+    copy clean motion frames learns to extrapolate the mouth instead of listening. self_motion: fraction of
+    samples (past the first chunk) whose motion latents are the model's own prediction (predicted_motion).
 
     init: shipped weights to start the DiT and audio encoder from when RUN/dit.pt does not exist yet
-    (checkpoints stay out of git, so a later session continues from the shipped model).
+    (checkpoints stay out of git, so a later session continues from the shipped model). A fresh audio
+    encoder (none in init, or one of another shape) first trains alone for audio_warmup steps.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
@@ -214,17 +267,25 @@ def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="re
     params = list(model.dit.parameters()) + list(model.audio.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ck = Checkpointer(run_dir, "dit")
-    if init is not None and not ck.path.exists():
-        start = load_model(init)
-        model.dit.load_state_dict(start.dit.state_dict())
-        model.audio.load_state_dict(start.audio.state_dict())
-        print(f"DiT and audio encoder start from {init}")
+    if not ck.path.exists():
+        audio_ready = init is not None and _load_init(model, init)
+        if not audio_ready and audio_warmup > 0:
+            warm_up_audio(model, data, audio_warmup)
+        ck.save({"dit": model.dit, "audio": model.audio}, opt, 0)
     step = ck.resume({"dit": model.dit, "audio": model.audio}, opt)
     bar = tqdm(total=steps, initial=step, desc="train dit", unit="step")
     rows, t0 = [], time.time()
     dit = model.dit
     while step < steps:
-        x0, mot, ref, aud, opn, face, person = data.batch(batch)
+        b = data.batch(batch)
+        x0, mot, ref, aud, opn, face, person = (b[k] for k in ("x", "mot", "ref", "aud", "open", "face", "person"))
+        if self_motion > 0:
+            own = b["has_prev"] & (torch.rand(batch) < self_motion)
+            if own.any():
+                sub = {k: v[own] for k, v in b.items()}
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    mot = mot.clone()
+                    mot[own] = predicted_motion(model, sub).to(mot.dtype)
         # the motion latents at inference come from generated chunks: make the model tolerate small errors
         mot = mot + torch.rand(batch, 1, 1, 1, 1) * motion_noise * torch.randn_like(mot)
         t = torch.sigmoid(torch.randn(batch))  # logit-normal times

@@ -20,7 +20,7 @@ class ModelConfig:
     steps: int = 20  # Euler steps per chunk
     seed: int = 0
     guidance: float = 3.0  # classifier-free guidance on the audio; 1.0 = off (half the DiT batch)
-    noise_scale: float = 0.7  # std of the start noise
+    noise_scale: float = 0.5  # std of the start noise
 
 
 @dataclass

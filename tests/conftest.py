@@ -40,7 +40,7 @@ def free_port():
 
 
 class LiveServer:
-    """A `syncavatar serve` subprocess on loopback (tests/live.toml), with telemetry on a free port."""
+    """A `syncavatar serve` subprocess on loopback (tests/ci.toml), with telemetry on a free port."""
 
     def __init__(self, log_path):
         import sys
@@ -51,7 +51,7 @@ class LiveServer:
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "syncavatar.cli", "serve", "--config", str(root / "tests" / "live.toml"),
+            [sys.executable, "-m", "syncavatar.cli", "serve", "--config", str(root / "tests" / "ci.toml"),
              "--port", str(self.port), "--telemetry", self.telemetry],
             cwd=root, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 

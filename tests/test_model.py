@@ -53,6 +53,20 @@ def test_audio_window_and_encoder():
     assert enc.frame_openness(tokens).shape == (1, frames)
 
 
+def test_audio_features_window_normalised_half_ignores_gain():
+    """The window-normalised half of the encoder's input cancels a microphone's gain; the fixed half keeps
+    loudness (so silence and speech stay apart)."""
+    enc = AudioEncoder()
+    g = torch.Generator().manual_seed(0)
+    speech = torch.randn(1, 12 * 640, generator=g) * torch.linspace(0.05, 0.5, 12 * 640)
+    a, b = enc.features(speech), enc.features(4 * speech)
+    assert a.shape == (1, 160, 48)
+    # 4x the amplitude is a shift of log(16) / 4 = 0.69 on the fixed scale; the window-normalised half
+    # removes it (up to the log's 1e-5 floor in the quietest bins)
+    assert abs((b[:, :80] - a[:, :80]).mean() - 0.69) < 0.02
+    assert (b[:, 80:] - a[:, 80:]).abs().max() < 0.1
+
+
 def test_sampler_integrates_velocity():
     ts = timesteps(20)
     assert ts[0] == 1 and ts[-1] == 0 and len(ts) == 21 and (ts[1:] < ts[:-1]).all()

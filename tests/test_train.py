@@ -17,7 +17,7 @@ def test_train_stages_resume_and_export(tmp_path):
     rows = list(csv.DictReader(open(run / "ae_loss.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     train.encode_corpus(corpus, run, preset="ref-XS")
-    train.train_dit(corpus, run, steps=2, batch=2, preset="ref-XS")
+    train.train_dit(corpus, run, steps=2, batch=2, preset="ref-XS", audio_warmup=2, self_motion=1.0)
     train.export(run, run / "avatar.safetensors", preset="ref-XS")
     model = load_model(run / "avatar.safetensors")
     assert model.cfg.hidden == 192
