@@ -1,4 +1,5 @@
 """How the shipped SyncCache default was chosen (stop 8): candidate plans on the dev split, never the test clips.
+(Stop 9 also runs it on data/heldout_id with candidates 68:1,68:0 for the unseen-identity check.)
 
     .venv/bin/python docs/select_default_schedule.py data/dev 8 66:1,68:1,70:1,72:1 docs/bench_cache_dev.json
 
