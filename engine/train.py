@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.model.audio_encoder import audio_window
-from engine.model.avatar import AvatarModel, load_model, save_model
+from engine.model.avatar import AvatarModel, save_model
 from engine.model.dit import PRESETS
 
 
@@ -134,7 +134,7 @@ def encode_corpus(corpus, run_dir, preset="ref-S", init=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     model = _model(preset)
     if init is not None:
-        model.ae.load_state_dict(load_model(init).ae.state_dict())
+        model.ae.load_state_dict(_init_part(init, "ae"))
     else:
         model.ae.load_state_dict(torch.load(run_dir / "ae.pt", weights_only=False)["ae"])
     ae = model.ae.eval()
@@ -192,17 +192,23 @@ class ChunkSampler:
             out["open"].append(torch.from_numpy(op))
             out["face"].append(torch.from_numpy(c["ref_face_mask"]).float())
             out["person"].append(torch.from_numpy(c["ref_person_mask"]).float())
-        out["has_prev"] = [torch.tensor(h) for h in out["has_prev"]]
-        return {k: torch.stack(v) for k, v in out.items()}
+        has_prev = torch.tensor(out.pop("has_prev"))
+        return {k: torch.stack(v) for k, v in out.items()} | {"has_prev": has_prev}
+
+
+def _init_part(init, part):
+    """One part ("ae", "audio", "dit") of a shipped weights file as a state dict (fp32). Parts load alone,
+    so a file whose other parts have another shape (an older audio encoder) can still start a stage."""
+    from safetensors.torch import load_file
+    prefix = part + "."
+    return {k[len(prefix):]: v.float() for k, v in load_file(str(init)).items() if k.startswith(prefix)}
 
 
 def _load_init(model, init):
     """Start the DiT and audio encoder from shipped weights; an audio encoder of another shape starts fresh."""
-    from safetensors.torch import load_file
-    sd = {k: v.float() for k, v in load_file(str(init)).items()}
-    model.dit.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("dit.")})
+    model.dit.load_state_dict(_init_part(init, "dit"))
     try:
-        model.audio.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("audio.")})
+        model.audio.load_state_dict(_init_part(init, "audio"))
         print(f"DiT and audio encoder start from {init}")
         return True
     except RuntimeError:
