@@ -2,9 +2,12 @@
 
 Calibration clips are corpus clips of the *train* split (voices and sentences the held-out benchmark
 never uses), made on the fly unless --corpus gives a directory. Every chunk is generated exactly as the
-renderer does (same steps, guidance, motion tokens) while synccache.calibrate.SpanErrorRecorder measures
-the error of bypassing each span at each step; synccache.schedule.plan then picks which spans keep
-residuals (the budget) and on which steps they are reused.
+renderer does (same steps, guidance, motion tokens) from the clip's microphone-like audio (the corpus's
+augmented `audio`: gain, phone band, EQ tilt, echo, noise, clipping, as users' microphones give; never
+`audio_clean`), from one chunk before the speech starts, while synccache.calibrate.SpanErrorRecorder
+measures the error of bypassing each span at each step, weighted towards the face and the mouth
+(ChunkCondition.output_weight) unless error_weight="uniform"; synccache.schedule.plan then picks which
+spans keep residuals (the budget) and on which steps they are reused.
 """
 from __future__ import annotations
 
@@ -20,7 +23,13 @@ from synccache import ScheduleError, max_spans_for_bytes, plan, reference_layout
 from synccache.schedule import one_step_errors
 from synccache.calibrate import SpanErrorRecorder
 
+from engine.model.dit import OUTPUT_WEIGHT_NAME
+
 DEFAULT_SCHEDULE_DIR = Path(__file__).resolve().parents[1] / "configs" / "synccache"
+# calibrate(error_weight=...) -> the name a schedule's meta "error_weight" records
+ERROR_WEIGHTS = {"mouth": OUTPUT_WEIGHT_NAME, "uniform": "uniform"}
+DEFAULT_CLIPS, DEFAULT_CHUNKS_PER_CLIP = 6, 8  # 48 chunks, as 4 clips x 12 were, over 6 voices and faces
+SPEECH_OPENNESS = 0.05  # a frame whose ground-truth mouth openness exceeds this is speech
 
 
 def parse_budget(text: str, span_bytes: int, n_spans: int) -> int:
@@ -50,44 +59,70 @@ def calibration_clips(n: int, corpus: str | None = None, seed: int = 7) -> list[
     return [dict(np.load(f)) for f in files]
 
 
-def _chunks(model, clips, max_chunks):
+def first_chunk(clip, frames) -> int:
+    """Index of the chunk before the one where the clip's speech starts (0 for a clip without speech).
+
+    Clips open with 0.15-0.8 s of silence (up to 5 chunks of 4 frames); starting one chunk before the
+    speech keeps a session's silent start and its onset, and spends the chunks on speech, as the live
+    engine (VAD-gated) does."""
+    speech = np.flatnonzero(np.asarray(clip["openness"]) > SPEECH_OPENNESS)
+    return max(0, int(speech[0]) // frames - 1) if len(speech) else 0
+
+
+def _chunks(model, clips, max_chunks, from_speech=True):
+    """[(clip, chunk index)] in order: up to max_chunks consecutive chunks of each clip."""
     todo = []
+    w = model.cfg.frames
     for c in clips:
-        n = min(max_chunks, int(np.ceil(len(c["openness"]) / model.cfg.frames)))
-        todo += [(c, k) for k in range(n)]
+        total = int(np.ceil(len(c["openness"]) / w))
+        start = first_chunk(c, w) if from_speech else 0
+        todo += [(c, k) for k in range(start, min(total, start + max_chunks))]
     return todo
 
 
-def run_chunks(model, clips, steps, guidance, noise_scale, max_chunks=12, fixed_noise=False, before_chunk=None,
-               progress=True, desc="calibrate"):
-    """Generate the first max_chunks chunks of every clip in order, as the renderer does (uncached).
+def run_chunks(model, clips, steps, guidance, noise_scale, max_chunks=DEFAULT_CHUNKS_PER_CLIP, fixed_noise=False,
+               before_chunk=None, progress=True, desc="calibrate", from_speech=True):
+    """Generate up to max_chunks consecutive chunks of every clip in order, as the renderer does (uncached),
+    from the clip's augmented (microphone-like) audio, clip["audio"].
 
-    before_chunk(k) is called before chunk k of each clip (k = 0 starts a new session)."""
+    from_speech: start one chunk before the speech starts (first_chunk), else at the clip's start.
+    before_chunk(i) is called before the i-th chunk of each clip (i = 0 starts a new session)."""
     from tqdm import tqdm
 
     from engine.generator import Avatar, ChunkGenerator
-    gen, last = None, None
-    for c, k in tqdm(_chunks(model, clips, max_chunks), desc=desc, unit="chunk", disable=not progress):
+    gen, last, i = None, None, 0
+    for c, k in tqdm(_chunks(model, clips, max_chunks, from_speech), desc=desc, unit="chunk",
+                     disable=not progress):
         if c is not last:
             avatar = Avatar("calib", c["ref"], c["ref_person_mask"].astype(bool), c["ref_face_mask"].astype(bool))
             gen = ChunkGenerator(model, avatar, steps=steps, guidance=guidance, noise_scale=noise_scale,
                                  fixed_noise=fixed_noise)
-            audio = torch.from_numpy(c["audio"].astype(np.float32))
-            last = c
+            audio = torch.from_numpy(c["audio"].astype(np.float32))  # augmented, as a microphone gives
+            last, i = c, 0
         if before_chunk is not None:
-            before_chunk(k)
+            before_chunk(i)
         gen.chunk(audio, k * model.cfg.frames)
+        i += 1
 
 
-def record_errors(model, clips, steps, guidance, noise_scale, cross=False, progress=True, max_age=1, forecast=0):
+def record_errors(model, clips, steps, guidance, noise_scale, cross=False, progress=True, max_age=1, forecast=0,
+                  error_weight="mouth", max_chunks=DEFAULT_CHUNKS_PER_CLIP):
     """(err, cross_err or None, chunks): span reuse errors averaged over the chunks, [span][step], or with
-    max_age > 1 [span][step][age - 1] (SpanErrorRecorder.errors_by_age, residuals forecast if asked)."""
+    max_age > 1 [span][step][age - 1] (SpanErrorRecorder.errors_by_age, residuals forecast if asked).
+
+    error_weight: "mouth" weighs each error by the chunk's output weight (face x4, mouth x16:
+    ChunkCondition.output_weight), "uniform" prices every latent element alike."""
+    if error_weight not in ERROR_WEIGHTS:
+        raise ValueError(f"error weight must be one of {sorted(ERROR_WEIGHTS)}, got {error_weight!r}")
     rec = SpanErrorRecorder(model.dit, reference_layout(model.dit), cross=cross, max_age=max_age,
-                            forecast=forecast)
+                            forecast=forecast, weighted=error_weight != "uniform")
     try:
-        run_chunks(model, clips, steps, guidance, noise_scale, fixed_noise=cross,
-                   before_chunk=lambda k: rec.reset(next_chunk=k > 0), progress=progress,
+        run_chunks(model, clips, steps, guidance, noise_scale, max_chunks=max_chunks, fixed_noise=cross,
+                   before_chunk=lambda i: rec.reset(next_chunk=i > 0), progress=progress,
                    desc="calibrate (stream)" if cross else "calibrate")
+        if error_weight != "uniform" and rec.uniform_steps:
+            raise RuntimeError(f"{rec.uniform_steps} calibration steps had no output weight "
+                               "(ChunkCondition.output_weight); the errors would not be weighted as recorded")
         err = rec.errors_by_age() if max_age > 1 else rec.errors()
         return err, (rec.cross_errors() if cross else None), rec.samples()
     finally:
@@ -119,8 +154,10 @@ def add_cross(sched, err, cross_err):
     return sched
 
 
-def _resolve(errors_from, out, steps, budget, reuse_fraction, error_bound, max_run, warmup, plot):
-    """calibrate(errors_from=...): a new plan from a schedule file's recorded errors."""
+def _resolve(errors_from, out, steps, budget, reuse_fraction, error_bound, max_run, warmup, plot,
+             error_weight=None):
+    """calibrate(errors_from=...): a new plan from a schedule file's recorded errors (weighted as they were:
+    meta "error_weight"; files from before it was recorded hold uniform errors)."""
     from synccache import Schedule
     src = Schedule.load(errors_from)
     if src.steps != steps:
@@ -129,6 +166,11 @@ def _resolve(errors_from, out, steps, budget, reuse_fraction, error_bound, max_r
     if "span_errors" not in meta:
         raise ValueError(f"{errors_from} holds no recorded errors (meta 'span_errors')")
     err = errors_from_meta(meta)
+    meta.setdefault("error_weight", "uniform")  # every schedule made before the weighting
+    if error_weight is not None and ERROR_WEIGHTS.get(error_weight, error_weight) != meta["error_weight"]:
+        raise ValueError(f"{errors_from} recorded errors weighted {meta['error_weight']!r}, not "
+                         f"{ERROR_WEIGHTS.get(error_weight, error_weight)!r} (--error-weight): that needs a new "
+                         "calibration")
     if any(isinstance(v, list) for row in err for v in row) and max_run is not None:
         ages = min(len(v) for row in err for v in row if isinstance(v, list))
         if max_run > ages:
@@ -149,7 +191,8 @@ def _resolve(errors_from, out, steps, budget, reuse_fraction, error_bound, max_r
         plot_schedule(one_step_errors(err), sched, plot)
     return {"out": str(out), "steps": steps, "spans": src.num_spans, "cached_spans": sched.cached_spans,
             "reused_span_steps": sched.reuse_count, "computed_span_steps": src.num_spans * steps - sched.reuse_count,
-            "predicted_error": round(sched.error, 5), "errors_from": str(errors_from)}
+            "predicted_error": round(sched.error, 5), "errors_from": str(errors_from),
+            "error_weight": meta["error_weight"]}
 
 
 def _table(err):
@@ -170,10 +213,17 @@ def errors_from_meta(meta) -> list:
     return [[cell(v) for v in row] for row in meta["span_errors"]]
 
 
-def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.9, error_bound=None,
+def calibrate(model, out, steps, budget, clips=DEFAULT_CLIPS, corpus=None, reuse_fraction=0.9, error_bound=None,
               max_run=6, warmup=1, guidance=None, noise_scale=None, plot=None, stream_out=None,
-              peers_out=None, progress=True, forecast=0, errors_from=None) -> dict:
+              peers_out=None, progress=True, forecast=0, errors_from=None, error_weight=None,
+              chunks_per_clip=DEFAULT_CHUNKS_PER_CLIP) -> dict:
     """Measure, solve, save the schedule JSON (and the streaming schedule, and the peers' calibration).
+
+    error_weight: "mouth" (the default) weighs each reuse error towards the face (x4) and the mouth (x16),
+    "uniform" prices every latent element alike; the schedule's meta "error_weight" records which
+    (OUTPUT_WEIGHT_NAME, e.g. "face4_mouth16", or "uniform"). With errors_from it defaults to the file's
+    and must match it when given. clips x chunks_per_clip: the calibration set (chunks_per_clip consecutive
+    chunks of each clip from just before its speech).
 
     errors_from: a schedule JSON whose calibration already recorded the errors (its meta): solve again
     from them (another reuse fraction, budget or bound) without recording; its steps, guidance, noise,
@@ -188,7 +238,13 @@ def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.
 
     from engine.sampler import DEFAULT_GUIDANCE, DEFAULT_NOISE_SCALE
     if errors_from is not None:
-        return _resolve(errors_from, out, steps, budget, reuse_fraction, error_bound, max_run, warmup, plot)
+        return _resolve(errors_from, out, steps, budget, reuse_fraction, error_bound, max_run, warmup, plot,
+                        error_weight)
+    error_weight = "mouth" if error_weight is None else error_weight
+    if error_weight not in ERROR_WEIGHTS:
+        raise ValueError(f"error weight must be one of {sorted(ERROR_WEIGHTS)}, got {error_weight!r}")
+    if chunks_per_clip < 1:
+        raise ValueError(f"chunks per clip must be >= 1, got {chunks_per_clip}")
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     noise_scale = DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale
     layout = reference_layout(model.dit)
@@ -204,9 +260,11 @@ def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.
     data = calibration_clips(clips, corpus)
     meta = {"steps": steps, "guidance": guidance, "noise_scale": noise_scale, "budget": str(budget),
             "span_bytes": span_bytes, "calibration_clips": len(data), "warmup": warmup,
-            "reuse_fraction": reuse_fraction if error_bound is None else None, "forecast": int(forecast)}
+            "reuse_fraction": reuse_fraction if error_bound is None else None, "forecast": int(forecast),
+            "error_weight": ERROR_WEIGHTS[error_weight], "chunks_per_clip": chunks_per_clip}
     err, _, samples = record_errors(model, data, steps, guidance, noise_scale, progress=progress,
-                                    max_age=min(max_run or steps - 1, steps - 1), forecast=forecast)
+                                    max_age=min(max_run or steps - 1, steps - 1), forecast=forecast,
+                                    error_weight=error_weight, max_chunks=chunks_per_clip)
     sched = solve(err, steps, max_spans, spans, reuse_fraction, error_bound, max_run, warmup)
     sched.meta |= meta | {"calibration_chunks": samples, "span_errors": _table(err)}
     out = Path(out)
@@ -215,11 +273,13 @@ def calibrate(model, out, steps, budget, clips=4, corpus=None, reuse_fraction=0.
     summary = {"out": str(out), "steps": steps, "spans": len(spans), "cached_spans": sched.cached_spans,
                "reused_span_steps": sched.reuse_count,
                "computed_span_steps": len(spans) * steps - sched.reuse_count,
-               "predicted_error": round(sched.error, 5), "calibration_chunks": samples}
+               "predicted_error": round(sched.error, 5), "calibration_chunks": samples,
+               "error_weight": ERROR_WEIGHTS[error_weight]}
     if plot:
         plot_schedule(one_step_errors(err), sched, plot)
     if stream_out:
-        serr, xerr, _ = record_errors(model, data, steps, guidance, noise_scale, cross=True, progress=progress)
+        serr, xerr, _ = record_errors(model, data, steps, guidance, noise_scale, cross=True, progress=progress,
+                                      error_weight=error_weight, max_chunks=chunks_per_clip)
         ssched = add_cross(solve(serr, steps, max_spans, spans, reuse_fraction, error_bound, max_run, warmup),
                            serr, xerr)
         ssched.meta |= meta | {"calibration_chunks": samples, "span_errors": _table(serr),
@@ -252,7 +312,8 @@ def plot_schedule(err, sched, path):
     ax.set_xlabel("denoising step")
     ax.set_ylabel("span")
     ax.set_title("error of reusing a span's residual (R = reused in the schedule)")
-    fig.colorbar(im, ax=ax, label="rel. L1 of the step output")
+    weight = sched.meta.get("error_weight", "uniform")
+    fig.colorbar(im, ax=ax, label="rel. L1 of the step output" + ("" if weight == "uniform" else f"\n({weight})"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -28,13 +28,7 @@ class Avatar:
 def load_avatar(avatar_id) -> Avatar:
     """Avatar by procedural identity number ("3", "1000", ...)."""
     from engine.data import portraits
-    try:
-        ident = int(str(avatar_id).removeprefix("id"))
-    except ValueError:
-        raise ValueError(f"unknown avatar {avatar_id!r}: expected an identity number such as 0..23 or 1000") from None
-    if ident < 0:
-        raise ValueError(f"unknown avatar {avatar_id!r}: identity numbers are >= 0")
-    rgb, person, face = portraits.reference(ident)
+    rgb, person, face = portraits.reference(portraits.identity_number(avatar_id))
     return Avatar(str(avatar_id), rgb, person, face)
 
 

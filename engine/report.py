@@ -8,6 +8,11 @@ live engine does, and measures:
 - `truth_sync_conf`: the same on the corpus's own ground-truth frames (is the expert fit to judge?);
 - `bg_psnr`: PSNR of generated frames vs the reference portrait outside the person (identity kept);
 - `seam_ratio`: mean |frame-to-frame difference| across chunk boundaries over that inside chunks;
+- `face_psnr` (and `face_psnr_min`): PSNR of the face against the closest clean render of the avatar
+  (engine/picture.py), median (lowest) over every PICTURE_STRIDE-th frame: noise, blur, doubled eyes;
+- `truth_face_psnr`: the same on the corpus's true frames (the fit's ceiling, ~60 dB);
+- `ae_face_psnr`: the same on the true frames encoded and decoded by the autoencoder with the clip's
+  reference (what the latent space and decoder alone cost the picture, before any DiT);
 - `rtf`: generation time / audio duration.
 """
 from __future__ import annotations
@@ -16,6 +21,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+PICTURE_STRIDE = 4  # face_psnr on every 4th frame: a few s per 100-frame clip for all three; medians within
+# ~0.5 dB of every frame's on held-out clips
 
 
 def _psnr(a, b, mask):
@@ -43,7 +51,31 @@ def seam_ratio(frames: np.ndarray, chunk: int) -> float:
     return float(d[at].mean() / max(d[~at].mean(), 1e-6))
 
 
-def evaluate_clip(model, clip: dict, steps=None, seed=0) -> tuple[dict, np.ndarray]:
+def ae_roundtrip(model, frames: np.ndarray, ref: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Frames uint8 [T,128,128,3] encoded and decoded by model.ae with reference ref uint8 [128,128,3]
+    (as the generator decodes) -> uint8 [T,128,128,3]."""
+    import torch
+    ae = model.ae
+    out = []
+    with torch.no_grad():
+        ref_feats = ae.reference(ae.to_input(ref)[None])
+        for i in range(0, len(frames), batch):
+            out.append(ae.to_uint8(ae.decode(ae.encode(ae.to_input(frames[i:i + batch])), ref_feats)))
+    return np.concatenate(out) if out else np.zeros((0, *frames.shape[1:]), np.uint8)
+
+
+def picture_metrics(model, clip: dict, frames: np.ndarray, stride: int = PICTURE_STRIDE) -> dict:
+    """face_psnr of generated frames, of the clip's true frames and of those through the autoencoder."""
+    from engine.picture import face_psnr
+    ident = json.loads(str(clip["meta"]))["identity"]
+    truth = clip["frames"][:len(frames)][::stride]
+    gen = face_psnr(frames, ident, stride)
+    return {"face_psnr": gen["median"], "face_psnr_min": gen["min"],
+            "truth_face_psnr": face_psnr(truth, ident)["median"],
+            "ae_face_psnr": face_psnr(ae_roundtrip(model, truth, clip["ref"]), ident)["median"]}
+
+
+def evaluate_clip(model, clip: dict, steps=None, seed=0, picture_stride=PICTURE_STRIDE) -> tuple[dict, np.ndarray]:
     """Render one corpus clip from its audio and avatar -> (metrics, generated frames)."""
     from engine.generator import Avatar, render_frames
     from engine.lipsync import evaluate_arrays
@@ -64,13 +96,14 @@ def evaluate_clip(model, clip: dict, steps=None, seed=0) -> tuple[dict, np.ndarr
            "truth_gt_corr": own["gt_corr"],
            "bg_psnr": float(np.mean([_psnr(f, clip["ref"], bg) for f in frames[:T]])),
            "seam_ratio": seam_ratio(frames[:T], model.cfg.frames),
+           **picture_metrics(model, clip, frames[:T], picture_stride),
            "rtf": stats["rtf"], "dit_ms": stats["dit_ms"], "total_ms": stats["total_ms"],
            "audio_s": stats["audio_s"], "steps": stats["steps"]}
     return res, frames
 
 
 SUMMARY_KEYS = ("gt_corr", "sync_conf", "offset_frames", "env_corr", "truth_sync_conf", "bg_psnr",
-                "seam_ratio", "rtf")
+                "seam_ratio", "face_psnr", "truth_face_psnr", "ae_face_psnr", "rtf")
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -330,6 +330,141 @@ def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="re
     return model
 
 
+# ------------------------------------------------------------------------------------------ decoder
+class DecoderSampler:
+    """Random training chunks for the decoder: true frames, their latents (encoded once per clip with the
+    frozen encoder), and what the DiT needs to predict those latents (motion, audio window, masks)."""
+
+    def __init__(self, clips, model, rng):
+        self.clips, self.model, self.rng = clips, model, rng
+        self.audio = [torch.from_numpy(c["audio"].astype(np.float32)) for c in clips]
+        self._z = {}
+
+    @torch.no_grad()
+    def latents(self, ci):
+        """Standardised latents of clip ci [T, C, h, w] and of its reference [C, h, w] (cached)."""
+        if ci not in self._z:
+            ae, c = self.model.ae, self.clips[ci]
+            z = torch.cat([ae.encode(ae.to_input(c["frames"][i:i + 64])) for i in range(0, len(c["frames"]), 64)])
+            self._z[ci] = (z.half(), ae.encode(ae.to_input(c["ref"])[None])[0].half())
+        z, ref = self._z[ci]
+        return z.float(), ref.float()
+
+    def batch(self, n):
+        cfg = self.model.cfg
+        w, m = cfg.frames, cfg.motion_frames
+        keys = ("frames", "ref_img", "face_px", "x", "mot", "ref", "aud", "face", "person")
+        out = {k: [] for k in keys}
+        for _ in range(n):
+            ci = int(self.rng.integers(len(self.clips)))
+            c = self.clips[ci]
+            z, ref = self.latents(ci)
+            t_len = z.shape[0]
+            s = int(self.rng.integers(0, max(1, t_len - w + 1)))
+            padded = torch.cat([ref[None].repeat(m, 1, 1, 1), z, z[-1:].repeat(w, 1, 1, 1)])
+            idx = np.minimum(np.arange(s, s + w), t_len - 1)
+            out["frames"].append(torch.from_numpy(c["frames"][idx]))
+            out["face_px"].append(torch.from_numpy(c["face_mask"][idx]))
+            out["ref_img"].append(torch.from_numpy(c["ref"]))
+            out["x"].append(padded[m + s:m + s + w])
+            out["mot"].append(padded[s:s + m])
+            out["ref"].append(ref)
+            out["aud"].append(audio_window(self.audio[ci], s - cfg.lookback, cfg.audio_frames))
+            out["face"].append(torch.from_numpy(c["ref_face_mask"]).float())
+            out["person"].append(torch.from_numpy(c["ref_person_mask"]).float())
+        return {k: torch.stack(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def dit_latents(model, b, t_max=0.3, guidance=3.0):
+    """The DiT's guided one-step x0 prediction of each chunk from a random noise level t <= t_max: latents
+    with the structured errors of generated ones (off the encoder's manifold), unlike white noise."""
+    x0 = b["x"]
+    n = x0.shape[0]
+    t = torch.rand(n) * t_max
+    tt = t[:, None, None, None, None]
+    xt = (1 - tt) * x0 + tt * torch.randn_like(x0)
+    cond = model.dit.prepare(b["ref"], b["mot"], model.audio(b["aud"]), b["face"], b["person"], null_audio=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v_audio, v_null = model.dit(torch.cat([xt, xt]), torch.cat([t, t]), cond).float().chunk(2)
+    return xt - tt * (v_null + guidance * (v_audio - v_null))
+
+
+def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, generated=0.5, t_max=0.3, max_clips=None):
+    """Stage `decoder`: retrain the reference-conditioned decoder (flow warp + delta) and the reference
+    encoder with the frame encoder frozen, so the latent space, and with it the DiT, its SyncCache
+    calibration and schedules, stays as shipped in `init`.
+
+    Each step decodes `batch` chunks (4 frames each). A fraction `generated` of them are decoded from the
+    DiT's own latent prediction (dit_latents, from noise levels up to t_max) instead of the encoder's, the
+    rest from encoder latents with a little noise: the decoder learns to draw the true frame from the
+    latents it will meet at inference. init may be a file this stage wrote (a second, gentler pass).
+    """
+    from engine.model.autoencoder import AEConfig
+    from engine.model.avatar import load_model
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 2)
+    shipped = load_model(init)
+    ae_cfg = AEConfig(**{**shipped.ae.cfg.__dict__, "flow": True})
+    model = AvatarModel(shipped.cfg, ae_cfg)
+    missing, unexpected = model.load_state_dict(shipped.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("ae.decoder.flow.") for k in missing):
+        raise RuntimeError(f"init {init} does not fit: missing {missing}, unexpected {unexpected}")
+    del shipped
+    model.eval()
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    ae = model.ae
+    params = list(ae.decoder.parameters()) + list(ae.ref_encoder.parameters())
+    for p_ in params:
+        p_.requires_grad_(True)
+    clips = load_corpus(corpus, keys=("frames", "audio", "ref", "face_mask", "ref_face_mask", "ref_person_mask"))
+    clips = clips[:max_clips] if max_clips else clips
+    data = DecoderSampler(clips, model, rng)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ck = Checkpointer(run_dir, "decoder")
+    step = ck.resume({"ae": ae}, opt)
+    bar = tqdm(total=steps, initial=step, desc="train decoder", unit="step")
+    rows, t0 = [], time.time()
+    while step < steps:
+        b = data.batch(batch)
+        z = b["x"].clone()
+        gen = torch.rand(batch) < generated
+        if gen.any():
+            z[gen] = dit_latents(model, {k: v[gen] for k, v in b.items()}, t_max=t_max)
+        z = z + (~gen).float()[:, None, None, None, None] * torch.rand(batch, 1, 1, 1, 1) * 0.1 * torch.randn_like(z)
+        x = ae.to_input(b["frames"]).flatten(0, 1)  # [B*W, 3, 128, 128]
+        ref = ae.to_input(b["ref_img"])  # [B, 3, 128, 128]
+        w = z.shape[1]
+        ref_feats = [f.repeat_interleave(w, 0) for f in ae.ref_encoder.features(ref)]
+        raw = z.flatten(0, 1) * ae.latent_std[:, None, None] + ae.latent_mean[:, None, None]
+        y = ae.decoder(raw, ref_feats, ref.repeat_interleave(w, 0))
+        face = b["face_px"].flatten(0, 1).float()[:, None]
+        refx = ref.repeat_interleave(w, 0)
+        moving = F.max_pool2d(((x - refx).abs().amax(1, keepdim=True) > 0.1).float(), 5, 1, 2)
+        weight = 1 + 8 * face + 20 * moving
+        loss = ((y - x).pow(2) * weight).mean() + 0.1 * ((y - x).abs() * weight).mean()
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr, warmup=50)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        rows.append([step, round(loss.item(), 5), float(gen.float().mean()), round(time.time() - t0, 1)])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 100 == 0 or step == steps:
+            ck.save({"ae": ae}, opt, step)
+            ck.write(rows)
+            rows = []
+    bar.close()
+    out = Path(run_dir) / "avatar.safetensors"
+    save_model(model, out, extra_meta={"decoder_steps": step, "decoder_init": str(init)})
+    print(json.dumps({"out": str(out), "decoder_steps": step}))
+    return model
+
+
 def export(run_dir, out_path, preset="ref-S"):
     """Stage 4: gather AE + DiT + audio encoder into one safetensors file."""
     run_dir = Path(run_dir)

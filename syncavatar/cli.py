@@ -88,6 +88,11 @@ def cmd_train(a):
             from engine.train_expert import train_expert
             train_expert(corpus, Path(a.out) / "lipsync_expert.safetensors", val_dir=a.val,
                          time_limit_s=a.expert_minutes * 60)
+        elif stage == "decoder":
+            if not a.init:
+                raise UserError("--stage decoder retrains the decoder of a model: pass --init WEIGHTS")
+            train.train_decoder(corpus, a.out, a.init, steps=a.decoder_steps, lr=a.decoder_lr,
+                                generated=a.decoder_generated, t_max=a.decoder_tmax)
         elif stage == "export":
             train.export(a.out, Path(a.out) / "avatar.safetensors", preset=a.preset)
 
@@ -149,7 +154,8 @@ def cmd_calibrate(a):
                             reuse_fraction=a.reuse_fraction, error_bound=a.error_bound, max_run=a.max_run or None,
                             guidance=cfg.model.guidance, noise_scale=cfg.model.noise_scale, plot=a.plot,
                             stream_out=a.stream_out or None, peers_out=a.peers_out or None,
-                            progress=not a.quiet, forecast=a.forecast, errors_from=a.errors_from)
+                            progress=not a.quiet, forecast=a.forecast, errors_from=a.errors_from,
+                            error_weight=a.error_weight, chunks_per_clip=a.chunks_per_clip)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(json.dumps(summary))
@@ -184,13 +190,38 @@ def cmd_eval(a):
         return _eval_corpus(a)
     if not a.video:
         raise UserError("give --video V.mp4 (one clip) or --corpus DIR (held-out corpus report)")
+    ident = _eval_identity(a)
     try:
         res = evaluate(a.video, a.audio, a.truth, window_s=a.window)
+        if ident is not None:
+            res |= _eval_picture(a, ident)
     except MediaError as e:
         raise UserError(str(e)) from None
     rnd = lambda d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
     res = rnd(res) | ({"windows": [rnd(w) for w in res["windows"]]} if "windows" in res else {})
     print(json.dumps(res) if a.json else json.dumps(res, indent=1))
+
+
+def _eval_identity(a):
+    """The --avatar identity (None without it), checked before any slow work."""
+    from engine.picture import as_identity
+    if a.avatar is None:
+        return None
+    if a.picture_stride < 1:
+        raise UserError("--picture-stride must be >= 1")
+    try:
+        return as_identity(a.avatar)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _eval_picture(a, ident) -> dict:
+    """face_psnr and face_psnr_min of the video against clean renders of the --avatar portrait."""
+    from engine.picture import video_face_psnr
+    try:
+        return video_face_psnr(a.video, ident, stride=a.picture_stride)
+    except ValueError as e:  # frames the portrait fit cannot read (not 128x128)
+        raise UserError(str(e)) from None
 
 
 def _eval_corpus(a):
@@ -216,10 +247,17 @@ def build_parser():
     t = sub.add_parser("train", help="train the reference model (resumable stages)")
     t.add_argument("--corpus", default="data/corpus")
     t.add_argument("--out", default="runs/ref")
-    t.add_argument("--stage", default="all", choices=["all", "ae", "latents", "dit", "expert", "export"])
+    t.add_argument("--stage", default="all", choices=["all", "ae", "latents", "dit", "expert", "export", "decoder"],
+                   help="decoder: retrain only the flow-warp decoder of --init (frozen encoder, DiT kept); "
+                        "writes OUT/avatar.safetensors")
     t.add_argument("--preset", default="ref-S")
     t.add_argument("--ae-steps", type=int, default=3000)
     t.add_argument("--dit-steps", type=int, default=6000)
+    t.add_argument("--decoder-steps", type=int, default=1000)
+    t.add_argument("--decoder-lr", type=float, default=3e-4, help="peak learning rate of the decoder stage")
+    t.add_argument("--decoder-generated", type=float, default=0.5,
+                   help="fraction of decoder training chunks decoded from the DiT's own latent prediction")
+    t.add_argument("--decoder-tmax", type=float, default=0.3, help="highest noise level of those predictions")
     t.add_argument("--dit-lr", type=float, default=3e-4, help="peak learning rate of the dit stage")
     t.add_argument("--expert-minutes", type=float, default=7.5)
     t.add_argument("--val", default=None, help="held-out corpus for the expert's validation")
@@ -250,7 +288,9 @@ def build_parser():
     c.add_argument("--steps", type=int, default=None, help="sampler steps (default from the config)")
     c.add_argument("--budget", default="4", help="spans that may keep residuals: a count, or bytes (512K, 1M)")
     c.add_argument("--out", default="configs/synccache/ref-XS.json")
-    c.add_argument("--clips", type=int, default=4, help="calibration clips (train split, made on the fly)")
+    c.add_argument("--clips", type=int, default=6, help="calibration clips (train split, made on the fly)")
+    c.add_argument("--chunks-per-clip", type=int, default=8,
+                   help="consecutive chunks of each clip, from one chunk before its speech starts")
     c.add_argument("--corpus", default=None, help="take calibration clips from this corpus dir instead")
     c.add_argument("--reuse-fraction", type=float, default=0.9,
                    help="fraction of the budgeted span-steps to reuse (the least-error plan is chosen)")
@@ -260,6 +300,9 @@ def build_parser():
     c.add_argument("--forecast", type=int, choices=(0, 1), default=1,
                    help="1: reuse steps extrapolate each residual from the span's last two computed steps "
                         "(twice the memory); 0: add the last residual as it is (the paper)")
+    c.add_argument("--error-weight", choices=("mouth", "uniform"), default=None,
+                   help="mouth (default): weigh each reuse error towards the face (x4) and the mouth (x16); "
+                        "uniform: every latent element alike. With --errors-from: the file's, checked if given")
     c.add_argument("--plot", default=None, help="heat map PNG of the errors and the chosen steps")
     c.add_argument("--errors-from", default=None,
                    help="solve again from the errors a schedule file recorded (no new calibration run)")
@@ -285,13 +328,17 @@ def build_parser():
     bc.add_argument("--quiet", action="store_true")
     bc.set_defaults(func=cmd_bench)
 
-    e = sub.add_parser("eval", help="lip-sync metrics of a video (sync_conf, offset_frames, env_corr)")
+    e = sub.add_parser("eval", help="lip-sync metrics of a video (sync_conf, offset_frames, env_corr; "
+                       "face_psnr with --avatar)")
     e.add_argument("--video", default=None)
     e.add_argument("--audio", default=None)
     e.add_argument("--truth", default=None, help="ground-truth openness (.npz corpus clip, .npy, .json)")
     e.add_argument("--json", action="store_true", help="one-line JSON")
     e.add_argument("--window", type=float, default=None,
                    help="also score every window of this many seconds (e.g. 60: per minute, for drift)")
+    e.add_argument("--avatar", default=None,
+                   help="identity in the video (e.g. 3): adds face_psnr (median over frames) and face_psnr_min")
+    e.add_argument("--picture-stride", type=int, default=1, help="with --avatar: fit every Nth frame only")
     e.add_argument("--corpus", default=None, help="instead of --video: render and score a held-out corpus")
     e.add_argument("--clips", type=int, default=None, help="with --corpus: the first N clips only")
     e.add_argument("--steps", type=int, default=None, help="with --corpus: sampler steps")

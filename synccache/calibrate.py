@@ -7,6 +7,12 @@ which it stores fresh residuals. The error of reusing span s at step t is the re
 bypassed step's output from the plain output; `errors()` averages it over every sample recorded.
 A step costs 1 + (number of spans) forwards while recording.
 
+The distance is weighted by the layout's output weight when it has one (BlockLayout.output_weight; for
+the reference DiT the face x4 and the mouth x16, see reference_layout): sum(w |cur - ref|) / sum(w |ref|)
+over the batch, so a reuse is priced by where its error lands, and the DP spends reuse where the mouth does
+not pay for it. weighted=False, or a layout without one, gives the plain relative L1 (every output element
+alike).
+
 With max_age=A > 1 it also bypasses each span with the residual of 2, ..., A steps before:
 `errors_by_age()` is [span][step][age - 1], the table by age that lets the DP price a run of reuses by
 what it costs (a residual gets stale). With forecast=1 the residual of step t-a is extrapolated as the
@@ -38,15 +44,26 @@ def rel_l1(cur: torch.Tensor, ref: torch.Tensor) -> float:
     return float((cur - ref).abs().float().mean() / ref.abs().float().mean().clamp_min(1e-12))
 
 
+def output_rel_l1(cur: torch.Tensor, ref: torch.Tensor, weight=None) -> float:
+    """sum(w |cur - ref|) / sum(w |ref|), w broadcast to the tensors; weight None: rel_l1 exactly."""
+    if weight is None:
+        return rel_l1(cur, ref)
+    w = weight.to(cur.device, torch.float32)
+    return float((w * (cur - ref).abs().float()).sum() / (w * ref.abs().float()).sum().clamp_min(1e-12))
+
+
 class SpanErrorRecorder:
     """Measures err[s][t] on the uncached trajectory; removable like the cache hooks."""
 
     def __init__(self, model: nn.Module, layout: BlockLayout, cross: bool = False, max_age: int = 1,
-                 forecast: int = 0):
+                 forecast: int = 0, weighted: bool = True):
+        """weighted: weigh errors by layout.output_weight (if the layout has one); False: uniform."""
         layout.validate()
         if max_age < 1 or forecast not in (0, 1):
             raise ValueError(f"max_age must be >= 1 and forecast 0 or 1, got {max_age}, {forecast}")
         self.cross, self.max_age, self.forecast = cross, int(max_age), int(forecast)
+        self.weighted = bool(weighted)
+        self.weighted_steps, self.uniform_steps = 0, 0  # measured steps with / without an output weight
         self._hist = {}  # step -> {span: residual}, for ages > 1 and the forecast
         self._xsum, self._xcount = {}, {}
         self._bank, self._prev_bank = {}, {}  # step -> {span: residual}
@@ -91,15 +108,19 @@ class SpanErrorRecorder:
         if self.cross and len(prev) == len(self.spans):
             xouts = self._bypassed(plain_forward, args, kwargs, prev)
         out = plain_forward(*args, **kwargs)
+        w = self.layout.out_weight(args, kwargs, out) if self.weighted and (by_age or xouts) else None
+        if by_age or xouts:
+            self.weighted_steps += w is not None
+            self.uniform_steps += w is None
         for (s, a), o in by_age.items():
-            e = rel_l1(o, out)
+            e = output_rel_l1(o, out, w)
             self._asum[(s, t, a)] = self._asum.get((s, t, a), 0.0) + e
             self._acount[(s, t, a)] = self._acount.get((s, t, a), 0) + 1
             if a == 1:
                 self._sum[(s, t)] = self._sum.get((s, t), 0.0) + e
                 self._count[(s, t)] = self._count.get((s, t), 0) + 1
         for s, o in xouts.items():
-            self._xsum[(s, t)] = self._xsum.get((s, t), 0.0) + rel_l1(o, out)
+            self._xsum[(s, t)] = self._xsum.get((s, t), 0.0) + output_rel_l1(o, out, w)
             self._xcount[(s, t)] = self._xcount.get((s, t), 0) + 1
         self._hist[t] = dict(self._res)
         self._hist.pop(t - 2 * self.max_age, None)

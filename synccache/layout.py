@@ -1,4 +1,5 @@
-"""Describe a model's blocks from outside: heavy visual blocks, audio blocks, the probe, the human weight.
+"""Describe a model's blocks from outside: heavy visual blocks, audio blocks, the probe, the human weight,
+and the output weight by which calibration prices reuse errors.
 
 Like cache-dit's BlockAdapter, nothing here changes the model: a `BlockLayout` only lists which modules
 play which role, so the hooks can find them. `reference_layout` builds one for engine's AvatarDiT by
@@ -14,6 +15,8 @@ import torch.nn as nn
 # human_weight(args, kwargs) -> [B, L] per-token weight for the heavy blocks' sequence, or None (uniform).
 # It receives the positional and keyword arguments of the model's forward for the current step.
 WeightFn = Callable[[tuple, dict], Optional[torch.Tensor]]
+# output_weight(args, kwargs) -> per-sample weight on the model's output (a tensor with the output's number
+# of dimensions, the batch size first, every other size 1 or the output's), or None (uniform).
 
 
 def _is_index(v, n) -> bool:
@@ -37,12 +40,15 @@ class BlockLayout:
     audio: the audio blocks; audio[i] runs after heavy[audio_after[i]] (several may follow one block).
     probe: index of the heavy block whose output is the probe; heavy[0..probe] always run when probing.
     human_weight: per-token weight emphasising the person for the current sample (None: uniform).
+    output_weight: per-sample weight on the model's output, by which calibration (SpanErrorRecorder)
+      weighs the error of a reuse, e.g. the face and most of all the mouth (None: uniform).
     """
     heavy: Sequence[nn.Module]
     audio: Sequence[nn.Module]
     audio_after: Sequence[int]
     probe: int = 0
     human_weight: Optional[WeightFn] = None
+    output_weight: Optional[WeightFn] = None
 
     def __post_init__(self):
         self.heavy, self.audio, self.audio_after = list(self.heavy), list(self.audio), tuple(self.audio_after)
@@ -75,6 +81,11 @@ class BlockLayout:
         if not _is_index(self.probe, len(self.heavy)):
             raise LayoutError(f"probe {self.probe!r} is not a heavy block index 0..{len(self.heavy) - 1}")
         self.probe = int(self.probe)
+        for name in ("human_weight", "output_weight"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise LayoutError(f"{name} must be a function (args, kwargs) -> tensor or None, "
+                                  f"got a {type(fn).__name__}")
 
     def check_model(self, model: nn.Module):
         """Raise LayoutError if a listed block is not a submodule of model."""
@@ -110,6 +121,33 @@ class BlockLayout:
         self.check_weight(w, hidden)
         return w
 
+    def out_weight(self, args: tuple, kwargs: dict, out: torch.Tensor) -> Optional[torch.Tensor]:
+        """The output weight for this step, checked against the model's output; None: uniform."""
+        if self.output_weight is None:
+            return None
+        w = self.output_weight(args, kwargs)
+        if w is None:
+            return None
+        self.check_output_weight(w, out)
+        return w
+
+    @staticmethod
+    def check_output_weight(w, out: torch.Tensor):
+        """Raise LayoutError unless w is a finite, non-negative, not all-zero per-sample weight for out: as many
+        dimensions, the batch size first, every other size 1 or out's."""
+        if not isinstance(out, torch.Tensor):
+            raise LayoutError(f"an output weight needs a tensor output, the model returned {type(out).__name__}")
+        if not isinstance(w, torch.Tensor):
+            raise LayoutError(f"output weight is a {type(w).__name__}, not a tensor")
+        ok = w.dim() == out.dim() and w.shape[0] == out.shape[0] and all(
+            a in (1, b) for a, b in zip(w.shape[1:], out.shape[1:]))
+        if not ok:
+            want = [out.shape[0]] + [f"1|{n}" for n in out.shape[1:]]
+            raise LayoutError(f"output weight has shape {list(w.shape)}, expected one weight per sample "
+                              f"broadcastable to the output {list(out.shape)}: [{', '.join(map(str, want))}]")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool((w > 0).any()):
+            raise LayoutError("output weight must be finite, non-negative and not all zero")
+
     @staticmethod
     def check_weight(w, hidden: torch.Tensor):
         """Raise LayoutError unless w is a tensor of shape [B, L] for hidden [B, L, D]."""
@@ -122,6 +160,9 @@ class BlockLayout:
 
 def reference_layout(dit: nn.Module, context_weight: Optional[float] = None) -> BlockLayout:
     """Layout of engine's AvatarDiT, by duck typing: .blocks, .audio_blocks, .cfg.audio_after.
+
+    Its output weight is cond.output_weight ([B, 1, 1, h, w]: face and mouth emphasised, see
+    engine/model/dit.py AvatarDiT.output_weight), None (uniform) when the condition has none.
 
     The heavy blocks see [context tokens | chunk tokens], while cond.human_weight (the ChunkCondition,
     third positional argument of forward) covers only the N chunk tokens. The output is read from chunk
@@ -144,5 +185,10 @@ def reference_layout(dit: nn.Module, context_weight: Optional[float] = None) -> 
             ctx = hw.new_full((b, n_ctx), float(context_weight))
         return torch.cat([ctx, hw], 1)
 
+    def output_weight(args, kwargs):
+        cond = args[2] if len(args) > 2 else kwargs.get("cond")
+        return getattr(cond, "output_weight", None)
+
     return BlockLayout(heavy=list(dit.blocks), audio=list(dit.audio_blocks),
-                       audio_after=tuple(dit.cfg.audio_after), probe=0, human_weight=human_weight)
+                       audio_after=tuple(dit.cfg.audio_after), probe=0, human_weight=human_weight,
+                       output_weight=output_weight)

@@ -16,16 +16,20 @@ def test_calibrate_writes_schedules_within_budget(tmp_path):
     assert sched.reuse_count > 0 and len(sched.meta["span_errors"]) == 4
     assert sched.meta["forecast"] == 1  # the default: SyncCacheConfig(schedule=...) then forecasts
     assert all(isinstance(v, list) for row in sched.meta["span_errors"] for v in row)  # errors by age
+    assert sched.meta["error_weight"] == "face4_mouth16"  # the default: reuse errors weighted to the mouth
     again = tmp_path / "again.json"  # another plan from the recorded errors, no new calibration run
     assert main(["calibrate", "--steps", "4", "--budget", "2", "--errors-from", str(out), "--reuse-fraction",
                  "0.5", "--max-run", "2", "--out", str(again), "--quiet"]) == 0
     s3 = Schedule.load(again)
     assert s3.reuse_count == 3 and s3.meta["errors_from"] == str(out) and s3.meta["forecast"] == 1
     assert s3.meta["span_errors"] == sched.meta["span_errors"] and s3.spans == sched.spans
+    assert s3.meta["error_weight"] == "face4_mouth16"  # carried from the file it re-solved
+    assert main(["calibrate", "--steps", "4", "--budget", "2", "--errors-from", str(out), "--reuse-fraction",
+                 "0.5", "--max-run", "2", "--error-weight", "uniform", "--out", str(again), "--quiet"]) == 2
     assert main(["calibrate", "--steps", "4", "--errors-from", str(out), "--max-run", "9", "--out",
                  str(again), "--quiet"]) == 2  # ages recorded only up to the first run's max run
     s2 = Schedule.load(stream)
-    assert s2.cross is not None and len(s2.cached_spans) <= 2
+    assert s2.cross is not None and len(s2.cached_spans) <= 2 and s2.meta["error_weight"] == "face4_mouth16"
     cal = json.loads(peers.read_text())
     assert cal["steps"] == 4 and cal["samples"] > 0
     assert plot.stat().st_size > 0

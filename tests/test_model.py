@@ -4,7 +4,7 @@ import math
 import torch
 
 from engine.model.audio_encoder import AudioEncoder, audio_window
-from engine.model.autoencoder import FrameAutoencoder
+from engine.model.autoencoder import AEConfig, FrameAutoencoder, warp
 from engine.model.avatar import DEFAULT_WEIGHTS, AvatarModel, load_model
 from engine.model.dit import PRESETS, AvatarDiT
 from engine.sampler import sample, timesteps
@@ -21,6 +21,36 @@ def test_autoencoder_shapes():
     assert z.shape == (2, 16, 8, 8)
     y = ae.decode(z, ae.reference(x[:1]))
     assert y.shape == (2, 3, 128, 128)
+
+
+def test_warp_moves_pixels_by_the_flow():
+    """A flow of k pixels (in normalised units 2k/size) samples the image k pixels over; zero flow is exact."""
+    img = torch.rand(1, 3, 32, 32)
+    assert torch.equal(warp(img, torch.zeros(1, 2, 32, 32)), img)
+    flow = torch.zeros(1, 2, 32, 32)
+    flow[:, 0] = 2 * 3 / 32  # x: sample 3 px to the right -> content moves 3 px left
+    out = warp(img, flow)
+    assert torch.allclose(out[..., :, :-3], img[..., :, 3:], atol=1e-5)
+    assert not torch.allclose(out, img, atol=1e-2)
+
+
+def test_flow_decoder_starts_as_the_plain_decoder():
+    """The flow heads start at zero: a decoder trained without flow loads into a flow decoder (new keys
+    only) and decodes bit-identically until the flow is trained; a non-zero flow moves the output."""
+    torch.manual_seed(0)
+    plain = FrameAutoencoder(AEConfig()).eval()
+    with torch.no_grad():
+        plain.decoder.head.weight.normal_(0, 0.05)  # a decoder that draws something besides the reference
+    flow = FrameAutoencoder(AEConfig(flow=True)).eval()
+    missing, unexpected = flow.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("decoder.flow.") for k in missing)
+    x = torch.rand(3, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        z = plain.encode(x)
+        a = plain.decode(z, plain.reference(x[:1]))
+        assert torch.equal(a, flow.decode(z, flow.reference(x[:1])))
+        flow.decoder.flow[0].bias.fill_(0.1)
+        assert (flow.decode(z, flow.reference(x[:1])) - a).abs().mean() > 1e-3
 
 
 def test_dit_shapes_and_patches():

@@ -16,6 +16,7 @@ class AEConfig:
     image_size: int = 128
     latent_channels: int = 16
     widths: tuple = (16, 32, 64, 128, 128)  # at 128, 64, 32, 16, 8 px
+    flow: bool = False  # decoder warps the reference by a predicted flow (RefDecoder)
 
 
 def _norm(c):
@@ -65,18 +66,39 @@ class Encoder(nn.Module):
         return self.out(self.features(x)[-1])
 
 
+def warp(x, flow):
+    """Sample x [B,C,H,W] at grid + flow; flow [B,2,H,W] in normalised coordinates ([-1, 1] spans the image)."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # [H, W, 2] as (x, y)
+    grid = grid + flow.permute(0, 2, 3, 1).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _resize(flow, size):
+    """Flow [B,2,h,w] -> [B,2,size,size] (normalised units need no rescaling)."""
+    return F.interpolate(flow, size=(size, size), mode="bilinear", align_corners=False)
+
+
 class RefDecoder(nn.Module):
     """Latent [B,C,8,8] + reference features -> image [B,3,128,128].
 
-    Works up to 64 px, then a pixel-shuffle head predicts at 128 px the change from the reference
-    portrait: output = reference + delta, so the static background is the reference exactly where delta
-    is 0. (A learned alpha blend with the reference was tried first: its sigmoid saturated at "copy the
+    Works up to 64 px, fusing reference features at every scale, then a pixel-shuffle head predicts at
+    128 px the change from the reference portrait. With `flow` (the default) the decoder also predicts,
+    coarse to fine, where each pixel of the reference comes from: the reference features are warped by
+    that flow before they are fused, and the output is warp(reference) + delta. A head that sways is
+    then the reference moved, not a second head painted over the first (a `reference + delta` decoder
+    cannot move pixels and draws doubled eyes under motion). The flow heads start at zero, so a decoder
+    trained without flow loads into this one and starts exactly where it was.
+    (A learned alpha blend with the reference was tried first: its sigmoid saturated at "copy the
     reference" and no gradient reached the latent any more.)
     """
 
     def __init__(self, cfg: AEConfig):
         super().__init__()
         w = cfg.widths
+        self.use_flow = cfg.flow
         self.inp = nn.Conv2d(cfg.latent_channels + w[-1], w[-1], 3, padding=1)
         self.mid = ResBlock(w[-1], w[-1])
         # up i: from the scale of w[i+1] to the scale of w[i] (16, 32, 64 px), fused with reference features
@@ -84,17 +106,35 @@ class RefDecoder(nn.Module):
         self.head = nn.Conv2d(w[1], 3 * 4, 3, padding=1)  # RGB delta x 2x2 sub-pixels
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if self.use_flow:
+            # flow refinements at 8 px (before the first fusion) and after each up block (16, 32, 64 px)
+            self.flow = nn.ModuleList(nn.Conv2d(c, 2, 3, padding=1) for c in [w[-1]] + [w[i] for i in
+                                                                                     reversed(range(1, len(w) - 1))])
+            for conv in self.flow:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
-    def forward(self, z, ref_feats, ref_image):
+    def forward(self, z, ref_feats, ref_image, return_flow=False):
         """ref_feats: Encoder.features of the reference; ref_image [1,3,128,128] in [-1,1]."""
         b = z.shape[0]
         ref_feats = [rf.expand(b, -1, -1, -1) if rf.shape[0] != b else rf for rf in ref_feats]
+        ref_image = ref_image.expand(b, -1, -1, -1) if ref_image.shape[0] != b else ref_image
         h = self.mid(F.silu(self.inp(torch.cat([z, ref_feats[-1]], 1))))
-        for block, rf in zip(self.up, reversed(ref_feats[1:-1])):
+        flow = self.flow[0](h) if self.use_flow else None  # [B, 2, 8, 8]
+        for k, (block, rf) in enumerate(zip(self.up, reversed(ref_feats[1:-1]))):
             h = F.interpolate(h, scale_factor=2, mode="nearest")
+            if self.use_flow:
+                flow = _resize(flow, h.shape[-1])
+                rf = warp(rf, flow)
             h = block(torch.cat([h, rf], 1))
+            if self.use_flow:
+                flow = flow + self.flow[k + 1](h)
         delta = F.pixel_shuffle(self.head(h), 2)  # [B, 3, 128, 128]
-        return ref_image + delta
+        if not self.use_flow:
+            return ref_image + delta
+        flow = _resize(flow, ref_image.shape[-1])
+        out = warp(ref_image, flow) + delta
+        return (out, flow) if return_flow else out
 
 
 class FrameAutoencoder(nn.Module):

@@ -47,9 +47,45 @@ PRESETS = {
     "ref-XS": DiTConfig(hidden=192, depth=8, audio_after=(1, 3, 5, 7)),
 }
 
+# Output weight of a chunk (ChunkCondition.output_weight), by which SyncCache's calibration weighs the
+# error of a reuse (a relative L1 of the velocity): background 1, face FACE_WEIGHT, mouth MOUTH_WEIGHT.
+# On the 27 reference portraits (8x8 latent grid per frame) the face covers 10.5 of 64 cells and the mouth
+# region 3.3 (5% of the frame): with 4 and 16, the mouth carries 39% of the total weight, the rest of the
+# face 22% and the background 40%. The mouth, where lip sync is seen, then counts as much as the whole
+# background, while a reuse that only blurs the background still pays (2 and 8 would leave the mouth 28%,
+# 4 and 32 would cut the background, where caching errors show as drift and flicker, to 29%).
+FACE_WEIGHT, MOUTH_WEIGHT = 4.0, 16.0
+MOUTH_ROWS = (0.5, 0.9)  # mouth region rows, as fractions of the face mask's height (top to bottom)
+MOUTH_HALF_WIDTH = 0.3  # and columns within this fraction of its width either side of its centre
+OUTPUT_WEIGHT_NAME = f"face{FACE_WEIGHT:g}_mouth{MOUTH_WEIGHT:g}"
+
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def mouth_region(face_mask):
+    """Face mask [B, H, W] (in [0, 1]) -> bool [B, H, W]: the mouth region, derived from the mask alone.
+
+    The face mask's pixels (> 0.5) in rows between MOUTH_ROWS = 50% and 90% of the mask's bounding-box
+    height, counted from its top, and in columns within MOUTH_HALF_WIDTH = 30% of its width either side of
+    its centre column (the middle 60%): the lower middle of the face. On the procedural portraits the mouth
+    sits at 66-73% of the mask's height (engine/data/portraits.py) and this box holds 99.9% of the pixels a
+    wide-open or rounded mouth changes, with the head swayed 2 px any way (at most 1.1% outside, on one
+    portrait), at 31% of the face's area. An empty mask has no mouth.
+    """
+    m = face_mask > 0.5
+    _, h, w = m.shape
+    ri, ci = torch.arange(h, device=m.device), torch.arange(w, device=m.device)
+    rows, cols = m.any(2), m.any(1)
+    top, bottom = torch.where(rows, ri, h).amin(1), torch.where(rows, ri, -1).amax(1)
+    left, right = torch.where(cols, ci, w).amin(1), torch.where(cols, ci, -1).amax(1)
+    height = (bottom - top + 1).clamp_min(1).float()
+    width = (right - left + 1).clamp_min(1).float()
+    y = (ri[None] + 0.5 - top[:, None]) / height[:, None]  # [B, H] fraction of the face's height
+    x = (ci[None] + 0.5 - (left + right + 1)[:, None] / 2) / width[:, None]  # [B, W] from the centre
+    in_rows = (y >= MOUTH_ROWS[0]) & (y <= MOUTH_ROWS[1])
+    return m & in_rows[:, :, None] & (x.abs() <= MOUTH_HALF_WIDTH)[:, None, :]
 
 
 def sincos_2d(dim, size):
@@ -165,6 +201,9 @@ class ChunkCondition:
     audio_bias: torch.Tensor  # [N, A] additive mask
     face_mask: torch.Tensor  # [B, N, 1]
     human_weight: torch.Tensor  # [B, N] per-token weight emphasising the person (for probes)
+    # [B, 1, 1, h, w] weight on the output's latent grid emphasising the face and most of all the mouth
+    # (AvatarDiT.output_weight; SyncCache's calibration weighs reuse errors by it); None: uniform
+    output_weight: torch.Tensor = None
     extras: dict = field(default_factory=dict)
 
 
@@ -246,6 +285,16 @@ class AvatarDiT(nn.Module):
         tok = (frac * 4).clamp(0, 1)
         return tok.repeat(1, cfg.frames)[..., None]
 
+    def output_weight(self, face_mask):
+        """Face mask [B, 128, 128] -> [B, 1, 1, h, w] weight on the velocity's latent grid (broadcasts over
+        frames and channels): 1 + (FACE_WEIGHT - 1) face + (MOUTH_WEIGHT - FACE_WEIGHT) mouth, where face and
+        mouth are the fractions of each latent cell's pixels in the face mask and in its mouth_region. A
+        cell wholly in the mouth weighs 16, wholly in the face 4, the background 1."""
+        s = self.cfg.latent_size
+        face = F.adaptive_avg_pool2d((face_mask > 0.5)[:, None].float(), s)
+        mouth = F.adaptive_avg_pool2d(mouth_region(face_mask)[:, None].float(), s)
+        return (1 + (FACE_WEIGHT - 1) * face + (MOUTH_WEIGHT - FACE_WEIGHT) * mouth)[:, None]
+
     def prepare(self, ref_latent, motion_latents, audio_tokens, face_mask, person_mask=None, null_audio=False):
         """Build the ChunkCondition.
 
@@ -266,7 +315,7 @@ class AvatarDiT(nn.Module):
         human = self.token_mask(person_mask if person_mask is not None else face_mask)[..., 0]
         return ChunkCondition(context=torch.cat([ref, mot], 1), audio_kv=kv,
                               audio_bias=self.audio_bias(audio_tokens.device), face_mask=fm,
-                              human_weight=0.2 + human)
+                              human_weight=0.2 + human, output_weight=self.output_weight(face_mask))
 
     # --- per step -----------------------------------------------------------------------------------
     def embed(self, x, t, cond):
