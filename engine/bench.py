@@ -251,7 +251,7 @@ def default_sweep(steps, schedule_path, calibration_path, stream_schedule_path=N
     if forecast:  # the same plan without the forecast: what the paper's plain reuse gives
         out.append(("synccache", f"synccache(schedule {shipped} reuses, no forecast)",
                     SyncCacheConfig(schedule=sched, forecast=0)))
-    for frac in (0.2, 0.4, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9):
+    for frac in (0.2, 0.4, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95):  # 0.93+: the fastest peers
         k = int(round(frac * len(err) * (steps - 1)))
         if k != shipped:
             try:

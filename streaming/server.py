@@ -303,7 +303,8 @@ def serve(config: Config) -> None:
     log.info("loading the model and starting the generation worker ...")
     engine = Engine(config)
     engine.idle_loop(config.engine.avatar)
-    log.info("idle loop of avatar %s ready; chunk generation %s ms", config.engine.avatar, engine.gen_ms)
+    log.info("idle loop of avatar %s ready; chunk generation %s ms per cache level, in %s", config.engine.avatar,
+             [round(ms, 1) for ms in engine.gen_ms], engine.precision)
     server = AvatarServer(config, engine, telemetry)
     try:
         web.run_app(server.app(), host=s.host, port=s.port, print=lambda m: log.info(

@@ -43,7 +43,7 @@ class LiveConfig:
     schedule: str = "configs/synccache/ref-XS-10.json"  # its offline DP schedule, solved for `steps`
     boost_cache: str = "synccache"  # backpressure level 1: a higher cache ratio
     boost_schedule: str = "configs/synccache/ref-XS-10-boost.json"
-    bf16: bool = True  # generate under bfloat16 autocast (1.3x faster on this CPU; 59-64 dB PSNR vs fp32)
+    precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto": the faster, timed at worker start-up
     lookahead_wait: int = 2  # look-ahead frames a chunk waits for (the model has 2; fewer = zeros, less latency)
     playout_delay_ms: int = 400  # frame i is shown this long after its audio was captured (one clock)
     vad_mode: int = 3  # webrtcvad aggressiveness 0..3

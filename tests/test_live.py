@@ -296,3 +296,23 @@ def test_audio_jitter_frames_patches_only_audio_receivers(monkeypatch):
     video = receiver.JitterBuffer(capacity=128, is_video=True)
     assert audio._prefetch == 2 and video._prefetch == 0
     assert receiver._syncavatar_jitter_buffer.__name__ == "JitterBuffer"
+
+
+def test_auto_precision_keeps_the_faster():
+    """precision = "auto": the worker times bf16 and fp32 chunks at start-up and keeps the faster one,
+    whichever it is on this CPU."""
+    from types import SimpleNamespace
+
+    from streaming.engine import _pick_precision
+
+    class Stub:
+        def __init__(self, bf16_ms, fp32_ms):
+            self.config = SimpleNamespace(engine=SimpleNamespace(avatar="0"))
+            self.bf16, self.ms = None, {True: bf16_ms, False: fp32_ms}
+
+        def chunk(self, session, avatar, window, level, idle_motion):
+            return None, {"gen_ms": self.ms[self.bf16]}
+
+    for bf16_ms, fp32_ms, want in ((270.0, 175.0, "fp32"), (90.0, 120.0, "bf16")):
+        w = Stub(bf16_ms, fp32_ms)
+        assert _pick_precision(w, None) == want and w.bf16 == (want == "bf16")

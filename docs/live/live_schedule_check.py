@@ -1,0 +1,42 @@
+"""Which 10-step schedule the live engine runs (issue 11): candidates rendered on the dev split (never the
+test clips) at the live engine's 10 steps, scored by lip sync and the picture.
+
+    .venv/bin/python docs/live/live_schedule_check.py data/dev 8 docs/live/live_schedule_check.json \
+        configs/synccache/ref-XS-10.json:1 configs/synccache/ref-XS-10.json:0 OLD.json:0
+
+Each candidate is SCHEDULE:forecast. Frames decode with the shipped model in fp32 (the worker's bf16
+changes frames by 59-64 dB PSNR); no timing here (reuse counts set the speed).
+"""
+import json
+import sys
+
+import numpy as np
+import torch
+
+from engine.generator import Avatar, render_frames
+from engine.lipsync import evaluate_arrays
+from engine.model.avatar import load_model
+from engine.picture import face_psnr
+from engine.bench import load_clips
+from synccache import Schedule, SyncCacheConfig
+
+torch.set_num_threads(1)
+corpus, n, out, cands = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+model = load_model()
+rows = {c: [] for c in ["uncached"] + cands}
+for clip in load_clips(corpus, n):
+    ident = json.loads(str(clip["meta"]))["identity"]
+    avatar = Avatar("dev", clip["ref"], clip["ref_person_mask"].astype(bool), clip["ref_face_mask"].astype(bool))
+    for c in rows:
+        cache = None
+        if c != "uncached":
+            path, fc = c.rsplit(":", 1)
+            cache = SyncCacheConfig(schedule=Schedule.load(path), forecast=int(fc))
+        frames, _ = render_frames(model, avatar, clip["audio"], steps=10, cache=cache)
+        lip = evaluate_arrays(frames, clip["audio"], clip["openness"][:len(frames)])
+        rows[c].append({"sync_conf": lip["sync_conf"], "gt_corr": lip["gt_corr"], "offset": lip["offset_frames"],
+                        "face_psnr": face_psnr(frames, ident, 4)["median"]})
+summary = {c: {k: float(np.mean([r[k] for r in v])) for k in ("sync_conf", "gt_corr", "face_psnr")}
+           | {"max_abs_offset": int(max(abs(r["offset"]) for r in v))} for c, v in rows.items()}
+json.dump({"corpus": corpus, "clips": n, "summary": summary, "per_clip": rows}, open(out, "w"), indent=1)
+print(json.dumps(summary, indent=1))
