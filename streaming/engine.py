@@ -296,12 +296,14 @@ def _pick_precision(w: _Worker, silence, rounds=3) -> str:
     """precision = "auto": time level-0 chunks with and without bfloat16 autocast, alternating, and keep the
     faster. Which wins depends on the CPU: with AMX bf16 was ~1.3x faster; on an AVX-512 CPU without AMX
     the same chunk took ~270 ms in bf16 and ~175 ms in fp32 (one thread)."""
+    def timed(bf16):
+        w.bf16 = bf16
+        return w.chunk("warmup", w.config.engine.avatar, silence, 0, None)[1]["gen_ms"]
+    timed(True)  # the first bf16 chunk allocates (fp32 was warmed up by the caller)
     ms = {True: [], False: []}
     for _ in range(rounds):
         for bf16 in (True, False):
-            w.bf16 = bf16
-            w.chunk("warmup", w.config.engine.avatar, silence, 0, None)  # first of each: allocation
-            ms[bf16].append(w.chunk("warmup", w.config.engine.avatar, silence, 0, None)[1]["gen_ms"])
+            ms[bf16].append(timed(bf16))
     w.bf16 = float(np.median(ms[True])) < float(np.median(ms[False]))
     return "bf16" if w.bf16 else "fp32"
 
