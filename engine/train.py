@@ -18,6 +18,7 @@ from tqdm import tqdm
 from engine.model.audio_encoder import audio_window
 from engine.model.avatar import AvatarModel, save_model
 from engine.model.dit import PRESETS
+from engine.sampler import DEFAULT_GUIDANCE
 
 
 def load_corpus(corpus_dir, keys=("frames", "audio", "openness", "ref", "face_mask", "ref_face_mask",
@@ -376,7 +377,7 @@ class DecoderSampler:
 
 
 @torch.no_grad()
-def dit_latents(model, b, t_max=0.3, guidance=3.0):
+def dit_latents(model, b, t_max=0.3, guidance=DEFAULT_GUIDANCE):
     """The DiT's guided one-step x0 prediction of each chunk from a random noise level t <= t_max: latents
     with the structured errors of generated ones (off the encoder's manifold), unlike white noise."""
     x0 = b["x"]
