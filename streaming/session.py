@@ -28,6 +28,7 @@ import numpy as np
 
 from engine.model.audio_encoder import MARGIN_FRAMES
 from streaming.audio_in import FRAME_SAMPLES, SAMPLE_RATE, AudioInput
+from engine.data.portraits import canonical_avatar
 from engine.generator import load_avatar
 from streaming.engine import Engine, Job
 from streaming.telemetry import Telemetry
@@ -81,7 +82,7 @@ class Session:
 
     def __init__(self, engine: Engine, avatar: str = "0", session_id: str | None = None,
                  telemetry: Telemetry | None = None):
-        self.engine, self.avatar = engine, str(avatar)
+        self.engine, self.avatar = engine, canonical_avatar(avatar)  # ValueError for an unknown avatar
         self.id = session_id or uuid.uuid4().hex[:12]
         self.live = engine.config.live
         self.telemetry = telemetry or Telemetry(None)

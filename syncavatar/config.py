@@ -68,6 +68,22 @@ class ServerConfig:
     max_sessions: int = 1
     audio_jitter_frames: int = 1  # received audio packets aiortc buffers before decoding (its own default: 4)
     connect_timeout_s: float = 30.0  # a session whose peer has not connected by then is closed
+    max_sessions_per_client: int = 1  # sessions one client address may hold at once
+    request_timeout_s: float = 10.0  # a request body not fully received by then gets 408
+    idle_loops: int = 4  # idle loops kept in memory (least recently used dropped; the default avatar stays)
+    allowed_origins: list = field(default_factory=list)  # browser Origins allowed besides the server's own
+    token: str = ""  # bearer token required on /offer and /sessions ("" = none; env SYNCAVATAR_TOKEN wins)
+
+
+@dataclass
+class SoakConfig:
+    """`syncavatar soak`: the thresholds whose breach makes it exit non-zero."""
+    latency_p95_growth_pct: float = 10.0  # p95 latency, last 5 minutes against the first 5
+    av_drift_ms: float = 40.0  # change of the A/V offset, first minute against the last
+    rss_growth_pct: float = 5.0  # server + worker RSS, after warm-up against the end
+    threads_growth: int = 8  # server + worker threads, start against the end
+    min_fps: float = 20.0  # every session, every reported interval
+    max_errors: int = 0  # session errors, disconnects and failed connects
 
 
 @dataclass
@@ -77,6 +93,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     live: LiveConfig = field(default_factory=LiveConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    soak: SoakConfig = field(default_factory=SoakConfig)
 
     def path(self, p: str) -> Path:
         """Resolve a path from the config relative to the repository root."""
@@ -111,7 +128,7 @@ def load_config(path=DEFAULT_CONFIG) -> Config:
     path = Path(path)
     data = _read(path)
     sections = {"model": ModelConfig, "engine": EngineConfig, "cache": CacheConfig, "live": LiveConfig,
-                "server": ServerConfig}
+                "server": ServerConfig, "soak": SoakConfig}
     for k in data:
         if k not in sections:
             raise ConfigError(f"unknown section [{k}] in {path}")

@@ -80,15 +80,27 @@ def _background(rng) -> np.ndarray:
     return np.clip(bg, 0, 255).astype(np.float32)
 
 
+MAX_IDENTITY = 999_999  # identity numbers are 0..MAX_IDENTITY
+_ID_CHARS = 9  # the longest avatar id accepted ("id" + 6 digits + one spare)
+
+
 def identity_number(avatar_id) -> int:
-    """The identity an avatar id names ("3", "id3", 1000); ValueError with a one-line reason if none."""
-    try:
-        ident = int(str(avatar_id).removeprefix("id"))
-    except ValueError:
-        raise ValueError(f"unknown avatar {avatar_id!r}: expected an identity number such as 0..23 or 1000") from None
-    if ident < 0:
-        raise ValueError(f"unknown avatar {avatar_id!r}: identity numbers are >= 0")
+    """The identity an avatar id names ("3", "id3", 1000); ValueError with a one-line reason if none.
+    The reason quotes at most a short prefix of what was given (ids come from the network)."""
+    text = str(avatar_id)
+    shown = repr(text[:12] + ("..." if len(text) > 12 else ""))
+    digits = text.removeprefix("id")
+    if len(text) > _ID_CHARS or not (digits.isascii() and digits.isdigit()):
+        raise ValueError(f"unknown avatar {shown}: expected an identity number 0..{MAX_IDENTITY} such as 3 or 1000")
+    ident = int(digits)
+    if ident > MAX_IDENTITY:
+        raise ValueError(f"unknown avatar {shown}: identity numbers are 0..{MAX_IDENTITY}")
     return ident
+
+
+def canonical_avatar(avatar_id) -> str:
+    """The one spelling of an avatar id ("03", "id3" and 3 are all "3"); ValueError as identity_number."""
+    return str(identity_number(avatar_id))
 
 
 def identity(ident: int) -> Identity:
