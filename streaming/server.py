@@ -27,6 +27,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 from aiortc.mediastreams import MediaStreamError
 
 from streaming.engine import Engine
+from streaming.procstats import ProcessStats
 from streaming.session import FRAME_SAMPLES, Session
 from streaming.telemetry import Telemetry
 from syncavatar.config import Config
@@ -155,6 +156,7 @@ class AvatarServer:
         self.config, self.engine, self.telemetry = config, engine, telemetry
         self.connections: dict[str, Connection] = {}
         self.ended: collections.deque = collections.deque(maxlen=256)  # recently ended ids: DELETE is idempotent
+        self.procstats: ProcessStats | None = None
         s = config.server
         self.ice = RTCConfiguration([ice_server(u) for u in s.ice_servers]) if s.ice_servers else None
 
@@ -182,9 +184,13 @@ class AvatarServer:
         return web.json_response({"iceServers": servers})
 
     async def healthz(self, request):
+        """Status, plus the server's and worker's resources (CPU since the previous /healthz) for soak tests."""
+        if self.procstats is None:
+            self.procstats = ProcessStats(self.engine.worker_pids())
         return web.json_response({"status": "ok", "sessions": len(self.connections),
                                   "pending_chunks": self.engine.pending,
-                                  "gen_ms": [None if g is None else round(g, 1) for g in self.engine.gen_ms]})
+                                  "gen_ms": [None if g is None else round(g, 1) for g in self.engine.gen_ms],
+                                  "process": self.procstats.read()})
 
     async def offer(self, request):
         try:
