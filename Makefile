@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test serve venv data train clean
+SYSTEM_TOOLS := espeak-ng sox chromium  # Debian packages of the same names
+
+.PHONY: test serve venv sysdeps data train clean
 
 venv: $(VENV)/.installed
 
@@ -12,7 +14,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-test: venv
+# The tests speak with espeak-ng, cut audio with sox and drive the page in chromium: installed when root
+# (as CI runs), otherwise one line naming what is missing.
+sysdeps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (apt-get)"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "make test needs system packages:$$missing (run: sudo apt-get install$$missing)" >&2; exit 1; fi; \
+	fi
+
+test: sysdeps venv
 	$(BIN)/python -m pytest -q
 
 serve: venv

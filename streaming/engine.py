@@ -12,6 +12,7 @@ changes, and resets the cache whenever the next chunk belongs to another session
 from __future__ import annotations
 
 import asyncio
+import collections
 import multiprocessing as mp
 import queue
 import threading
@@ -81,7 +82,8 @@ class Engine:
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
         self._next_id = 0
-        self._idle: dict[str, IdleLoop] = {}
+        self._idle: collections.OrderedDict[str, IdleLoop] = collections.OrderedDict()  # least recently used first
+        self.max_idle_loops = max(1, config.server.idle_loops)
         self._idle_wait: dict[str, list] = {}
         ctx = mp.get_context("spawn")  # no fork of a process with threads / an event loop
         self._in, self._out = ctx.Queue(), ctx.Queue()
@@ -138,14 +140,32 @@ class Engine:
                 raise RuntimeError(f"could not make the idle loop of avatar {avatar}")
         return self._idle[avatar]
 
+    def idle_loops_cached(self) -> int:
+        return len(self._idle)
+
     def ready_idle_loop(self, avatar: str) -> IdleLoop | None:
         """The avatar's idle loop if it has been made already (never blocks)."""
-        return self._idle.get(str(avatar))
+        loop = self._idle.get(str(avatar))
+        if loop is not None:
+            self._idle.move_to_end(str(avatar))
+        return loop
 
     async def idle_loop_async(self, avatar: str) -> IdleLoop:
         if str(avatar) in self._idle:
-            return self._idle[str(avatar)]
+            return self.ready_idle_loop(avatar)
         return await asyncio.get_running_loop().run_in_executor(None, self.idle_loop, avatar)
+
+    def _keep_idle_loop(self, avatar: str, loop: IdleLoop) -> None:
+        """Cache an idle loop; past `[server] idle_loops` the least recently used one (never the default
+        avatar's) is dropped here and in the worker (sessions showing it keep their own reference)."""
+        self._idle[avatar] = loop
+        self._idle.move_to_end(avatar)
+        while len(self._idle) > self.max_idle_loops:
+            old = next((a for a in self._idle if a != self.config.engine.avatar), None)
+            if old is None or old == avatar:
+                break
+            del self._idle[old]
+            self._in.put(("forget", old))
 
     def _read(self):
         while True:
@@ -171,7 +191,7 @@ class Engine:
             elif kind == "idle":
                 _, avatar, frames, err = msg
                 if frames is not None:
-                    self._idle[avatar] = IdleLoop(frames)
+                    self._keep_idle_loop(avatar, IdleLoop(frames))
                 with self._lock:
                     waiters = self._idle_wait.pop(avatar, [])
                 for fn in waiters:
@@ -355,3 +375,5 @@ def _worker_main(config: Config, inq, outq):
                 outq.put(("idle", msg[1], None, f"{type(e).__name__}: {e}"))
         elif kind == "end":
             w.gens.pop(msg[1], None)
+        elif kind == "forget":  # an idle loop the server dropped from its cache
+            w.idle_latents.pop(msg[1], None)
