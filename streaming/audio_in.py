@@ -28,7 +28,7 @@ class AudioInput:
         self.speech = bytearray()  # one flag per 20 ms VAD frame, absolute index
         self.speech_base = 0
         self._resampler = None
-        self._rate_layout = None
+        self._rate = None
         self.gap_samples = 0  # silence inserted for network gaps
 
     @property
@@ -44,23 +44,27 @@ class AudioInput:
         if pcm.ndim != 2 or pcm.shape[1] not in (1, 2):
             raise ValueError(f"pcm must be [n] or [n, 1|2] samples, got shape {pcm.shape}")
         if pcm.dtype == np.int16:
-            fmt = "s16"
+            pcm = pcm.astype(np.float32) / 32768
         elif pcm.dtype in (np.float32, np.float64):
-            fmt, pcm = "flt", pcm.astype(np.float32)
+            # a float mic is -1..1: NaN/inf (a broken driver) become silence, beyond full scale is clipped
+            pcm = np.clip(np.nan_to_num(pcm.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)
         else:
             raise ValueError(f"pcm must be int16 or float, got {pcm.dtype}")
         if not isinstance(sample_rate, (int, np.integer)) or not 8000 <= sample_rate <= 192000:
             raise ValueError(f"sample_rate must be an integer in 8000..192000, got {sample_rate!r}")
         if len(pcm) == 0:
             return 0
-        layout = "mono" if pcm.shape[1] == 1 else "stereo"
-        if self._rate_layout != (sample_rate, layout, fmt):
+        # stereo -> mono as the mean of the channels: full scale stays full scale (FFmpeg's downmix adds
+        # them at -3 dB each, which takes two full-scale channels to 1.41)
+        mono_in = np.ascontiguousarray(pcm.mean(axis=1, dtype=np.float32))
+        if self._rate != sample_rate:
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            self._rate_layout = (sample_rate, layout, fmt)
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format=fmt, layout=layout)
+            self._rate = sample_rate
+        frame = av.AudioFrame.from_ndarray(mono_in[None], format="flt", layout="mono")
         frame.sample_rate = sample_rate
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
         mono = np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        np.clip(mono, -1.0, 1.0, out=mono)  # the resampler rings past full scale on clipped input
         self._append(mono)
         return len(mono)
 
