@@ -342,3 +342,14 @@ def test_many_sessions_leave_nothing_behind(live_server):
     assert e["open_files"] <= b["open_files"] + 2, (b, e)
     assert end["tasks"] <= base["tasks"] + 2, (base, end)
     assert e["rss_mb"] <= 1.10 * b["rss_mb"], (b, e)
+
+
+def test_log_carries_no_sdp_or_ice_secrets(live_server_proc):
+    """After the sessions above (and any before): session ids and states only, never SDP, ICE or DTLS data."""
+    peer = subprocess.run([sys.executable, "-c", PEER, live_server_proc.url, "0.5"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert "connected" in peer.stdout, peer.stderr[-1000:]
+    log = open(live_server_proc.log_path).read()
+    assert "session" in log and "ended" in log  # it does log sessions
+    for secret in ("a=ice-pwd", "a=ice-ufrag", "a=fingerprint", "candidate:", "v=0", "Bearer", "Traceback"):
+        assert secret not in log, secret
