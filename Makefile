@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-SYSTEM_TOOLS := espeak-ng sox chromium  # Debian packages of the same names
+SYSTEM_TOOLS := espeak-ng:espeak-ng sox:sox chromium:chromium ip:iproute2  # command:Debian package
 
 .PHONY: test serve venv sysdeps data train clean
 
@@ -14,10 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# The tests speak with espeak-ng, cut audio with sox and drive the page in chromium: installed when root
+# The tests speak with espeak-ng, cut audio with sox, drive the page in chromium and build network
+# namespaces with ip (iproute2): installed when root
 # (as CI runs), otherwise one line naming what is missing.
 sysdeps:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for tp in $(SYSTEM_TOOLS); do command -v $${tp%%:*} >/dev/null || missing="$$missing $${tp#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing (apt-get)"; apt-get update -qq && \
