@@ -80,7 +80,8 @@ def messages(address: str, session: str = "", poll_s: float = 0.2):
 TABLE = {
     "chunk": ["chunk", "kind", "level", "gen_ms", "computed_steps", "reused_steps", "jobs_queued",
               "ready_frames", "latency_est_ms", "av_offset_ms"],
-    "second": ["fps_in", "fps_out", "drops", "late_frames", "loop_lag_max_ms", "cpu_percent", "rss_mb"],
+    "second": ["fps_in", "fps_out", "drops", "late_frames", "loop_lag_max_ms", "cpu_percent", "rss_mb", "threads",
+               "open_files"],
     "decision": ["action", "level", "reason"],
     "session": ["event", "avatar"],
 }

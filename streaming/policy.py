@@ -1,0 +1,176 @@
+"""The pure parts of a live session: which audio forms chunk c and when, the backpressure policy, and the
+per-chunk telemetry record.
+
+No I/O, no threads, no clock: every time comes in as an argument, so the policy's tests run instantly and
+give the same answer every time. `streaming/session.py` does the I/O around them (audio in, the worker's
+callbacks, pacing, publishing).
+
+Times: `Chunker` works in session seconds (0 = session start, input sample n captured at n / 16000);
+`Backpressure` compares any one clock's seconds (the session passes monotonic ones, as the engine predicts).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from streaming.audio_in import FRAME_SAMPLES, SAMPLE_RATE
+
+FPS = 25
+FRAME_S = 1 / FPS
+SKIP = 2  # the policy's top level: the chunk shows idle frames instead of being generated
+
+
+@dataclass(frozen=True)
+class Chunker:
+    """Chunk c covers frames [c W, (c + 1) W); its window adds look-back, look-ahead and the audio encoder's
+    margin on each side. It can be generated once `lookahead_wait` frames of its look-ahead have arrived
+    (at most the model's; what is missing is zeros in the window)."""
+    frames: int  # W, frames per chunk
+    lookback: int  # audio context before the chunk, in frames
+    lookahead: int  # audio context after the chunk, in frames (the model's)
+    margin: int  # extra frames decoded on each side of the window (the audio encoder's MARGIN_FRAMES)
+    lookahead_wait: int  # look-ahead frames waited for
+    hangover_ms: float  # speech stays on this long after VAD last heard it
+    delay_s: float  # playout delay: frame i goes out at i / FPS + delay_s
+
+    def needed(self, c: int) -> int:
+        """Input samples that must have arrived before chunk c can be generated.
+
+        The audio encoder's extra margin frame after the look-ahead is never waited for: on 8 dev clips
+        sync_conf was 0.754 without it vs 0.750 with it, and it would cost 40 ms of latency.
+        """
+        return ((c + 1) * self.frames + min(self.lookahead_wait, self.lookahead)) * FRAME_SAMPLES
+
+    def ready_s(self, c: int) -> float:
+        """Session time chunk c's audio is complete when the input arrives in real time."""
+        return self.needed(c) / SAMPLE_RATE
+
+    def deadline_s(self, c: int) -> float:
+        """Session time chunk c's first frame goes out."""
+        return self.delay_s + c * self.frames * FRAME_S
+
+    def window(self, c: int) -> tuple[int, int]:
+        """[start, stop) input samples of chunk c's job (the chunk starts lookback + margin frames in)."""
+        first = c * self.frames
+        return ((first - self.lookback - self.margin) * FRAME_SAMPLES,
+                (first + self.frames + self.lookahead + self.margin) * FRAME_SAMPLES)
+
+    @property
+    def hangover_frames(self) -> int:
+        return math.ceil(self.hangover_ms / (1000 * FRAME_S))
+
+    def speech_span(self, c: int) -> tuple[int, int]:
+        """(first frame, count) whose VAD flags decide whether chunk c is speech: its frames and look-ahead,
+        and the hangover before it (speech that just stopped keeps the mouth generated)."""
+        first = c * self.frames
+        lo = max(0, first - self.hangover_frames)
+        return lo, first + self.frames + self.lookahead - lo
+
+    def plan(self, c: int, elapsed_s: float, speech_frames: Callable[[int, int], np.ndarray]) -> str:
+        """What chunk c becomes when formed at session time elapsed_s: "late" (its frames are already
+        gone: the input came after its deadline), "idle" (VAD heard no speech) or "speech" (generate it,
+        at the level the policy picks). speech_frames(first, count) -> a VAD flag per frame."""
+        if self.deadline_s(c) < elapsed_s:
+            return "late"
+        return "speech" if speech_frames(*self.speech_span(c)).any() else "idle"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A change of the policy's level, published as a `decision` telemetry message."""
+    action: str  # "raise" or "lower"
+    level: int  # 0: default cache, 1: boost cache, 2: skip (the chunk shows idle frames)
+    reason: str
+
+
+class Backpressure:
+    """Cache level per speech chunk: raise it when the chunk is predicted to miss its deadline, step back
+    down after `recover_chunks` chunks on time (and only if the lower level would be on time too).
+
+    Level 2 is per chunk: the next chunk tries level 1 again. An idle worker never skips (it would
+    generate nothing, and its time estimates would go stale): such a chunk is generated at level 1.
+    """
+
+    def __init__(self, recover_chunks: int, safety_s: float = 0.0):
+        self.recover_chunks, self.safety_s = recover_chunks, safety_s
+        self.level = 0  # the level the next chunk starts from: 0 or 1
+        self.on_time = 0  # chunks on time since the last decision, while above level 0
+
+    def choose(self, chunk: int, deadline: float, finish: Sequence[float],
+               worker_idle: bool) -> tuple[int, Decision | None]:
+        """-> (level for this chunk, the decision to publish or None).
+
+        deadline: when the chunk's first frame goes out; finish[level]: when the worker would have it
+        ready at cache level 0 / 1 if it were queued now (the same clock); it must be done safety_s early.
+        """
+        due = deadline - self.safety_s
+
+        def late(level):
+            return finish[min(level, 1)] > due
+
+        level, decision = self.level, None
+        if late(level):
+            while level < SKIP and late(level):
+                level += 1
+            if level == SKIP and worker_idle:
+                level = 1
+            decision = Decision("raise", level,
+                                f"chunk {chunk} predicted {1000 * (finish[self.level] - due):.0f} ms late")
+            self.on_time = 0
+        elif level > 0:
+            self.on_time += 1
+            if self.on_time >= self.recover_chunks and not late(level - 1):
+                level -= 1
+                decision = Decision("lower", level, f"{self.on_time} chunks on time")
+                self.on_time = 0
+        self.level = min(level, 1)
+        return level, decision
+
+
+@dataclass
+class ChunkRecord:
+    """Telemetry of one chunk, published as a `chunk` message once its last frame went out (README's
+    table). Fields that do not apply or are not known (None) are left out of the message."""
+    chunk: int
+    kind: str  # speech, idle, skipped, late, missing, error
+    level: int | None = None
+    reason: str | None = None  # why a chunk is late (input) or missing
+    capture_ms: float | None = None  # its first input sample arrived (session clock)
+    ready_ms: float | None = None  # formed: its audio with look-ahead complete
+    deadline_ms: float | None = None  # its first frame is due
+    jobs_queued: int | None = None
+    gen_start_ms: float | None = None
+    gen_end_ms: float | None = None
+    gen_ms: float | None = None
+    computed_steps: int | None = None
+    reused_steps: int | None = None
+    error: str | None = None
+    send_ms: float | None = None  # its first frame went out
+    late_frames: int | None = None  # its frames shown as idle because generation missed them
+    ready_frames: int | None = None
+    av_offset_ms: float | None = None
+    latency_est_ms: float | None = None
+
+    def finish(self, frames: int, transport_ms: float, video_sent: float | None, audio_sent: float | None):
+        """Fill what is known once its last frame went out; *_sent: when the tracks sent its first frame
+        (seconds, one clock)."""
+        if self.kind == "speech" and self.late_frames == frames:
+            self.kind = "late"  # generated, but none of its frames in time: the idle loop was shown
+        both = video_sent is not None and audio_sent is not None
+        self.av_offset_ms = round((audio_sent - video_sent) * 1000, 1) if both else 0.0
+        if self.capture_ms is not None and self.send_ms is not None:
+            self.latency_est_ms = round(self.send_ms - self.capture_ms + transport_ms, 1)
+
+    def message(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def frame_kind(record: ChunkRecord | None, generated: bool) -> str:
+    """Kind of an outgoing frame: "speech" if generated in time, "late" if its chunk was to be generated but
+    missed it (or failed), else "idle"."""
+    if generated:
+        return "speech"
+    return "late" if record is not None and record.kind in ("speech", "error") else "idle"
