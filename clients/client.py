@@ -16,6 +16,10 @@ file I/O (engine.media), loudness (engine.audio) and the lip-sync expert, which 
 the received frames (visual head) and from the speech (audio head).
 
     stats = run_client("http://127.0.0.1:8080", "speech.wav", record="seen.mp4")
+
+Layout: the transport (PacedMic / MicTrack, the consumers, live_session: offer, connect, DELETE) is
+flat and keeps what it receives in a Capture; the analysis below it reads arrays only, so a long run
+(clients/soak.py) can drain the Capture every few seconds and analyse window by window.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import asyncio
 import json
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -50,6 +54,7 @@ ONSET_GAP_S = 0.2  # an onset follows at least this long below the threshold
 MOUTH_CLOSED_FRAMES = 2  # a mouth opening follows at least this many closed frames
 MATCH_WINDOW_S = 2.0  # a speech onset is matched to a mouth opening at most this much later
 MATCH_EARLY_S = 0.16  # search from (global lag - this): shorter than ONSET_GAP_S, see match_latencies
+PAUSE_MARGIN_S = 0.15  # ... or from (global lag - the pause before the onset + this), when that is earlier
 MAX_LAG_S = 2.0  # global speech -> video lag searched in [0, MAX_LAG_S]
 HINT_MIN_CORR = 0.5  # the global lag guides matching only when the mouth clearly follows the speech
 AV_MAX_LAG_S = 0.5  # A/V offset searched in +-AV_MAX_LAG_S
@@ -60,36 +65,42 @@ HTTP_TIMEOUT_S = 30.0
 
 
 class ClientError(Exception):
-    """Something the user gave or pointed at cannot be used (file, server, answer); one-line message."""
+    """Something the user gave or pointed at cannot be used (file, server, answer); one-line message.
+
+    `status` is the HTTP status of a refused offer (None otherwise) and `retry_after` its Retry-After in
+    seconds (a full server answers 503 with one), so a caller can tell "come back later" from a failure.
+    """
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
 
 
 # ------------------------------------------------------------------------------------ what is sent
 
-class MicTrack(MediaStreamTrack):
-    """An audio file as a microphone: s16 mono 48 kHz frames of 20 ms, paced in real time.
+class PacedMic(MediaStreamTrack):
+    """A microphone made of 20 ms blocks: s16 mono 48 kHz frames, paced in real time.
 
-    The clock starts when the first frame is requested (aiortc's sender starts once DTLS is up); frame k
-    is handed out at start + k * 20 ms, never earlier. After the file come `tail_s` seconds of silence
-    (so the last words come back), then the track ends and `finished` is set. `send_times[k]` is the
-    monotonic time frame k was handed to the encoder.
+    `blocks` yields int16[MIC_FRAME] arrays and is read lazily, one block per frame. The clock starts
+    when the first frame is requested (aiortc's sender starts once DTLS is up); frame k is handed out at
+    start + k * 20 ms, never earlier. When `blocks` runs out the track ends and `finished` is set.
+    `on_sent(block, t)` hears of each block with the monotonic time it was handed to the encoder.
     """
 
     kind = "audio"
 
-    def __init__(self, audio: np.ndarray, tail_s: float = 1.5):
+    def __init__(self, blocks, on_sent=None):
         super().__init__()
-        pcm = (np.clip(np.asarray(audio, np.float32), -1, 1) * 32767).round().astype(np.int16)
-        n = -(-len(pcm) // MIC_FRAME) + int(round(tail_s * MIC_RATE / MIC_FRAME))
-        self._frames = np.zeros(n * MIC_FRAME, np.int16)
-        self._frames[:len(pcm)] = pcm
-        self._frames = self._frames.reshape(n, MIC_FRAME)
-        self.send_times: list[float] = []
+        self._blocks = iter(blocks)
+        self._on_sent = on_sent
+        self.sent = 0  # frames handed out
         self.finished = asyncio.Event()
         self._start: float | None = None
 
     async def recv(self) -> av.AudioFrame:
-        k = len(self.send_times)
-        if k >= len(self._frames) or self.readyState != "live":
+        k = self.sent
+        block = next(self._blocks, None) if self.readyState == "live" else None
+        if block is None:
             self.finished.set()
             self.stop()
             raise MediaStreamError
@@ -98,11 +109,26 @@ class MicTrack(MediaStreamTrack):
         delay = self._start + k * MIC_FRAME / MIC_RATE - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        frame = av.AudioFrame.from_ndarray(self._frames[k][None, :], format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.asarray(block, np.int16)[None, :], format="s16", layout="mono")
         frame.sample_rate = MIC_RATE
         frame.pts, frame.time_base = k * MIC_FRAME, Fraction(1, MIC_RATE)
-        self.send_times.append(time.monotonic())
+        self.sent = k + 1
+        if self._on_sent is not None:
+            self._on_sent(block, time.monotonic())
         return frame
+
+
+class MicTrack(PacedMic):
+    """An audio file as a microphone (see PacedMic), then `tail_s` seconds of silence so the last words
+    come back; `send_times[k]` is the monotonic time frame k was handed to the encoder."""
+
+    def __init__(self, audio: np.ndarray, tail_s: float = 1.5):
+        pcm = (np.clip(np.asarray(audio, np.float32), -1, 1) * 32767).round().astype(np.int16)
+        n = -(-len(pcm) // MIC_FRAME) + int(round(tail_s * MIC_RATE / MIC_FRAME))
+        frames = np.zeros(n * MIC_FRAME, np.int16)
+        frames[:len(pcm)] = pcm
+        self.send_times: list[float] = []
+        super().__init__(frames.reshape(n, MIC_FRAME), on_sent=lambda block, t: self.send_times.append(t))
 
 
 # ------------------------------------------------------------------------------- what comes back
@@ -121,6 +147,15 @@ class Capture:
     t_connected: float | None = None  # connectionState became "connected"
     session: str | None = None
     disconnected: bool = False  # the connection failed or closed before the file was sent
+
+    def take(self) -> "Capture":
+        """What was received since the last take (frames, audio, telemetry), emptied here: a long run
+        drains it every few seconds so memory stays bounded."""
+        got = Capture(audio=np.zeros(0, np.float32), frames=self.frames, frame_times=self.frame_times,
+                      audio_chunks=self.audio_chunks, audio_times=self.audio_times, telemetry=self.telemetry,
+                      t_offer=self.t_offer, t_connected=self.t_connected, session=self.session)
+        self.frames, self.frame_times, self.audio_chunks, self.audio_times, self.telemetry = [], [], [], [], []
+        return got
 
 
 async def _consume_video(track, cap: Capture) -> None:
@@ -219,23 +254,32 @@ def speech_onsets(audio: np.ndarray, sr: int = MIC_RATE, drop_db: float = ONSET_
     non-speech (the time before the file counts as silence: the mic was quiet). The onset is refined to
     the first 10 ms block above the threshold, from the second half of the frame before it.
     """
+    return onsets_and_pauses(audio, sr, drop_db, gap_s)[0]
+
+
+def onsets_and_pauses(audio: np.ndarray, sr: int = MIC_RATE, drop_db: float = ONSET_DROP_DB,
+                      gap_s: float = ONSET_GAP_S) -> tuple[np.ndarray, np.ndarray]:
+    """speech_onsets, and the silence before each onset in seconds (only what the audio shows: before the
+    first sample counts as silence for the onset rule, not for its pause) -> (int64[N], float64[N])."""
     from engine.audio import loudness_envelope
     a = np.asarray(audio, np.float32).reshape(-1)
     env = loudness_envelope(a, sr, FPS)
     if env.size == 0:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0)
     thr = max(float(np.percentile(env, 95)) - drop_db, ONSET_FLOOR_DB)
     hop, need = sr / FPS, int(round(gap_s * FPS))
-    onsets, quiet = [], need
+    onsets, pauses, quiet, seen = [], [], need, 0
     for i, level in enumerate(env):
         if level < thr:
             quiet += 1
+            seen += 1
             continue
         if quiet >= need:
             onsets.append(_first_loud_block(a, int(round((i - 0.5) * hop)), int(round((i + 1) * hop)), thr,
                                             sr // 100, default=int(round(i * hop))))
-        quiet = 0
-    return np.asarray(onsets, np.int64)
+            pauses.append(seen / FPS)
+        quiet = seen = 0
+    return np.asarray(onsets, np.int64), np.asarray(pauses, np.float64)
 
 
 def _first_loud_block(a: np.ndarray, start: int, end: int, thr: float, block: int, default: int) -> int:
@@ -317,7 +361,8 @@ def speech_to_video_lag(speech_track: np.ndarray, t0: float, frame_times, openne
 
 
 def match_latencies(onset_times, frame_times, openness: np.ndarray, lag_hint: float | None = None,
-                    window_s: float = MATCH_WINDOW_S, early_s: float = MATCH_EARLY_S) -> np.ndarray:
+                    window_s: float = MATCH_WINDOW_S, early_s: float = MATCH_EARLY_S,
+                    pauses=None) -> np.ndarray:
     """Glass-to-glass latency (s) of each speech onset that a mouth opening answers -> float64[M].
 
     For an onset sent at t_s, the answer is the first mouth opening (see mouth_openings; threshold
@@ -325,16 +370,22 @@ def match_latencies(onset_times, frame_times, openness: np.ndarray, lag_hint: fl
     start = 0 without a hint. With the global lag as a hint, start = lag_hint - early_s: when the
     latency exceeds the silence before an onset, the frames right after t_s still show the previous
     words, whose syllables open the mouth too; starting the search less than one onset gap
-    (ONSET_GAP_S) before the expected answer skips them.
+    (ONSET_GAP_S) before the expected answer skips them. With `pauses` (the silence before each onset,
+    s) the margin is pause - PAUSE_MARGIN_S where that is more: the previous words' answers end about a
+    pause before this one's, and one answer can come well before the global lag (where its onset falls
+    in a 4-frame chunk), which a fixed margin would skip for the next word's opening, a second later.
     """
     ft = np.asarray(frame_times, np.float64)
     if not len(ft) or not len(onset_times):
         return np.zeros(0)
     events = ft[mouth_openings(openness, opening_threshold(openness))]
-    start = 0.0 if lag_hint is None else max(0.0, lag_hint - early_s)
+    t_on = np.asarray(onset_times, np.float64)
+    gaps = np.zeros(len(t_on)) if pauses is None else np.asarray(pauses, np.float64)
     used = np.zeros(len(events), bool)
     out = []
-    for t_s in np.sort(np.asarray(onset_times, np.float64)):
+    for j in np.argsort(t_on, kind="stable"):
+        t_s = t_on[j]
+        start = 0.0 if lag_hint is None else max(0.0, lag_hint - max(early_s, gaps[j] - PAUSE_MARGIN_S))
         cand = np.flatnonzero((events > t_s + start) & (events <= t_s + window_s) & ~used)
         if cand.size:
             used[cand[0]] = True
@@ -342,15 +393,46 @@ def match_latencies(onset_times, frame_times, openness: np.ndarray, lag_hint: fl
     return np.asarray(out, np.float64)
 
 
-def audio_timeline(chunks, times, sr: int = REC_RATE, stall_s: float = 0.1) -> tuple[np.ndarray, float | None]:
+def measure_latency(audio: np.ndarray, send_times, frame_times, openness: np.ndarray,
+                    speech_track: np.ndarray | None = None, since: float = -np.inf,
+                    until: float = np.inf) -> tuple[np.ndarray, int, float | None, float]:
+    """Glass-to-glass latency of the speech onsets sent in [since, until) -> (latencies s, onsets sent,
+    global lag s or None, its correlation).
+
+    `audio` (mono, MIC_RATE) is what left in 20 ms frames at `send_times`; the received frames came at
+    `frame_times` with mouth `openness`. The global lag (speech_to_video_lag) guides the matching
+    (match_latencies) when it correlates at HINT_MIN_CORR or more. `speech_track` defaults to the
+    expert's audio head on `audio`.
+    """
+    samples, pauses = onsets_and_pauses(audio)
+    pauses = pauses[samples // MIC_FRAME < len(send_times)]  # as sample_send_times keeps them
+    onsets = sample_send_times(samples, send_times)
+    keep = (onsets >= since) & (onsets < until)
+    onsets, pauses = onsets[keep], pauses[keep]
+    ft = np.asarray(frame_times, np.float64)
+    if not len(ft) or not len(send_times):
+        return np.zeros(0), int(len(onsets)), None, 0.0
+    if speech_track is None:
+        speech_track = _speech_openness(audio)
+    lag, corr = speech_to_video_lag(speech_track, send_times[0], ft, openness)
+    lat = match_latencies(onsets, ft, openness, lag_hint=lag if corr >= HINT_MIN_CORR else None, pauses=pauses)
+    return lat, int(len(onsets)), lag, corr
+
+
+def audio_timeline(chunks, times, sr: int = REC_RATE, stall_s: float = 0.1,
+                   player: tuple[float, int] | None = None) -> tuple[np.ndarray, float | None]:
     """Received audio chunks -> (continuous audio, monotonic time of its first sample).
 
     Models a player that starts at the first chunk's arrival and plays on at sr: a chunk arriving more
     than stall_s after its due time (the player ran dry) is preceded by the silence heard meanwhile.
+    `player` = (t0, n) continues a player that started at t0 and has played n samples (a long run read
+    piece by piece, so that no piece's first arrival jitter moves its timeline); its audio starts at
+    t0 + n / sr.
     """
     if not len(chunks):
-        return np.zeros(0, np.float32), None
-    t0, n, parts = float(times[0]), 0, []
+        return np.zeros(0, np.float32), None if player is None else player[0] + player[1] / sr
+    t0, n = (float(times[0]), 0) if player is None else player
+    start, parts = t0 + n / sr, []
     for chunk, t in zip(chunks, times):
         late = t - (t0 + n / sr)
         if late > stall_s:
@@ -359,7 +441,7 @@ def audio_timeline(chunks, times, sr: int = REC_RATE, stall_s: float = 0.1) -> t
             n += gap
         parts.append(np.asarray(chunk, np.float32))
         n += len(chunk)
-    return np.concatenate(parts), t0
+    return np.concatenate(parts), start
 
 
 def align_audio(audio: np.ndarray, audio_t0: float, start_t: float, n_samples: int,
@@ -420,13 +502,7 @@ def compute_stats(cap: Capture, openness: np.ndarray | None = None,
     openness = np.asarray(openness if openness is not None else [], np.float64)
     heard, heard_t0 = audio_timeline(cap.audio_chunks, cap.audio_times)
 
-    onsets = sample_send_times(speech_onsets(cap.audio), cap.send_times)
-    lag, lag_corr, lat = None, 0.0, np.zeros(0)
-    if n and len(cap.send_times):
-        if speech_track is None:
-            speech_track = _speech_openness(cap.audio)
-        lag, lag_corr = speech_to_video_lag(speech_track, cap.send_times[0], ft, openness)
-        lat = match_latencies(onsets, ft, openness, lag_hint=lag if lag_corr >= HINT_MIN_CORR else None)
+    lat, onsets_sent, lag, lag_corr = measure_latency(cap.audio, cap.send_times, ft, openness, speech_track)
     off, off_corr = av_offset(heard, heard_t0, ft, openness) if n else (None, 0.0)
     sync_conf, sync_off = _expert_sync(cap, heard, heard_t0, openness) if n >= 3 else (None, None)
 
@@ -443,7 +519,7 @@ def compute_stats(cap: Capture, openness: np.ndarray | None = None,
         "latency_xcorr_ms": _ms(lag),
         "latency_xcorr_corr": round(lag_corr, 3),
         "onsets": int(lat.size),
-        "onsets_sent": int(len(onsets)),
+        "onsets_sent": onsets_sent,
         "av_offset_ms": None if off is None else round(off, 1),
         "av_corr": round(off_corr, 3),
         "sync_conf": sync_conf,
@@ -513,13 +589,28 @@ def _load_audio(path: str, duration: float | None) -> np.ndarray:
     return audio[:int(round(duration * MIC_RATE))] if duration is not None else audio
 
 
-async def _post_offer(http: aiohttp.ClientSession, base: str, offer, avatar: str) -> dict:
-    """POST the offer -> the answer JSON; any failure is a one-line ClientError."""
+def _auth(token: str | None) -> dict:
+    """The bearer token header (WHIP-style), or none."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the delay form; an HTTP date or garbage gives None)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def _post_offer(http: aiohttp.ClientSession, base: str, offer, avatar: str, token: str | None = None) -> dict:
+    """POST the offer -> the answer JSON; any failure is a one-line ClientError (status, retry_after set
+    when the server answered)."""
     body = {"sdp": offer.sdp, "type": offer.type, "avatar": str(avatar)}
     try:
-        async with http.post(f"{base}/offer", json=body) as resp:
+        async with http.post(f"{base}/offer", json=body, headers=_auth(token)) as resp:
             text = await resp.text()
             status = resp.status
+            retry = _retry_after(resp.headers.get("Retry-After"))
     except aiohttp.ClientConnectorError as e:
         reason = getattr(e.os_error, "strerror", None) or str(e)
         raise ClientError(f"cannot connect to the server at {base} ({reason})") from None
@@ -534,25 +625,29 @@ async def _post_offer(http: aiohttp.ClientSession, base: str, offer, avatar: str
     if status != 200:
         reason = data.get("error") if isinstance(data, dict) else None
         reason = reason or " ".join(text.split())[:200] or "no reason given"
-        raise ClientError(f"the server refused the offer (HTTP {status}): {reason}")
+        later = f"; retry after {retry:g} s" if retry is not None else ""
+        raise ClientError(f"the server refused the offer (HTTP {status}): {reason}{later}", status, retry)
     if not isinstance(data, dict) or not isinstance(data.get("sdp"), str):
         raise ClientError(f"the server's answer to POST {base}/offer is not an SDP answer")
     return data
 
 
-async def _delete_session(http: aiohttp.ClientSession, base: str, session: str) -> None:
+async def _delete_session(http: aiohttp.ClientSession, base: str, session: str, token: str | None = None) -> None:
     """DELETE the session; a 404 (already gone) or an unreachable server is not an error at this point."""
     try:
-        async with http.delete(f"{base}/sessions/{session}") as resp:
+        async with http.delete(f"{base}/sessions/{session}", headers=_auth(token)) as resp:
             await resp.read()
     except (aiohttp.ClientError, asyncio.TimeoutError):
         pass
 
 
-async def _session(base: str, loopback: bool, audio: np.ndarray, avatar: str, tail_s: float) -> Capture:
-    """Run one live session: offer, connect, send the file in real time, receive until it has ended."""
-    cap = Capture(audio=audio)
-    mic = MicTrack(audio, tail_s)
+@asynccontextmanager
+async def live_session(base: str, loopback: bool, mic: MediaStreamTrack, cap: Capture, avatar: str = "0",
+                       token: str | None = None):
+    """One live session: offer, answer, connect; yields the `ended` event (set when the connection fails
+    or closes) once connected. Until the block is left, what comes back goes into `cap` (video, audio,
+    the telemetry data channel); then the peer connection is closed and the session DELETEd.
+    """
     connected, ended = asyncio.Event(), asyncio.Event()
     consumers: list[asyncio.Task] = []
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[] if loopback else None))
@@ -581,7 +676,7 @@ async def _session(base: str, loopback: bool, audio: np.ndarray, avatar: str, ta
             with loopback_ice(loopback):
                 await pc.setLocalDescription(await pc.createOffer())  # waits for ICE gathering
             cap.t_offer = time.monotonic()
-            answer = await _post_offer(http, base, pc.localDescription, avatar)
+            answer = await _post_offer(http, base, pc.localDescription, avatar, token)
             cap.session = answer.get("session")
             sdp = loopback_candidates_only(answer["sdp"]) if loopback else answer["sdp"]
             try:
@@ -592,16 +687,24 @@ async def _session(base: str, loopback: bool, audio: np.ndarray, avatar: str, ta
             if not connected.is_set():
                 raise ClientError(f"no WebRTC connection to {base} (ICE/DTLS state {pc.connectionState!r} "
                                   f"after {CONNECT_TIMEOUT_S:.0f} s)")
-            budget = len(audio) / MIC_RATE + tail_s + 30.0
-            await _wait_any([mic.finished, ended], budget)
-            cap.send_times = list(mic.send_times)
-            cap.disconnected = not mic.finished.is_set()
+            yield ended
         finally:
             for task in consumers:
                 task.cancel()
             await pc.close()
             if cap.session:
-                await _delete_session(http, base, cap.session)
+                await _delete_session(http, base, cap.session, token)
+
+
+async def _session(base: str, loopback: bool, audio: np.ndarray, avatar: str, tail_s: float,
+                   token: str | None = None) -> Capture:
+    """Run one live session: send the file in real time, receive until it has ended."""
+    cap = Capture(audio=audio)
+    mic = MicTrack(audio, tail_s)
+    async with live_session(base, loopback, mic, cap, avatar, token) as ended:
+        await _wait_any([mic.finished, ended], len(audio) / MIC_RATE + tail_s + 30.0)
+        cap.send_times = list(mic.send_times)
+        cap.disconnected = not mic.finished.is_set()
     return cap
 
 
@@ -617,7 +720,7 @@ async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
 
 async def run_client_async(server: str, audio_path: str, record: str | None = None, avatar: str = "0",
                            duration: float | None = None, json_path: str | None = None,
-                           tail_s: float = 1.5) -> dict:
+                           tail_s: float = 1.5, token: str | None = None) -> dict:
     """Speak `audio_path` into the avatar server in real time, record what comes back, return the stats.
 
     Stats keys: session, audio_s (speech sent), frames_received, fps ((frames - 1) over the span from
@@ -629,12 +732,14 @@ async def run_client_async(server: str, audio_path: str, record: str | None = No
     av_offset_ms (received video against received audio, positive = video late; see av_offset), av_corr,
     sync_conf / sync_offset_ms (the lip-sync expert on what a viewer saw, as `syncavatar eval`),
     audio_received_s, telemetry_messages, disconnected.
+
+    `token`: sent as `Authorization: Bearer TOKEN` on POST /offer and DELETE /sessions/{id}.
     """
     if tail_s < 0:
         raise ClientError(f"tail must be >= 0 s, got {tail_s}")
     base, loopback = _server_url(server)
     audio = _load_audio(audio_path, duration)
-    cap = await _session(base, loopback, audio, avatar, tail_s)
+    cap = await _session(base, loopback, audio, avatar, tail_s, token)
     stats = compute_stats(cap)
     if json_path:
         try:
@@ -647,10 +752,11 @@ async def run_client_async(server: str, audio_path: str, record: str | None = No
 
 
 def run_client(server: str, audio_path: str, record: str | None = None, avatar: str = "0",
-               duration: float | None = None, json_path: str | None = None, tail_s: float = 1.5) -> dict:
+               duration: float | None = None, json_path: str | None = None, tail_s: float = 1.5,
+               token: str | None = None) -> dict:
     """Synchronous run_client_async (see there)."""
     return asyncio.run(run_client_async(server, audio_path, record=record, avatar=avatar, duration=duration,
-                                        json_path=json_path, tail_s=tail_s))
+                                        json_path=json_path, tail_s=tail_s, token=token))
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -665,13 +771,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--duration", type=float, default=None, help="send only the first N seconds")
     parser.add_argument("--tail", type=float, default=1.5,
                         help="seconds of silence sent after the file so the last words come back")
+    parser.add_argument("--token", default=None,
+                        help="bearer token of a server that requires one ([server] token / SYNCAVATAR_TOKEN)")
 
 
 def main(args) -> int:
     """Run the client from parsed arguments; print the stats JSON. Exit code 2 on a ClientError."""
     try:
         stats = run_client(args.server, args.audio, record=args.record, avatar=args.avatar,
-                           duration=args.duration, json_path=args.json, tail_s=getattr(args, "tail", 1.5))
+                           duration=args.duration, json_path=args.json, tail_s=getattr(args, "tail", 1.5),
+                           token=getattr(args, "token", None))
     except ClientError as e:
         print(f"syncavatar client: error: {e}", file=sys.stderr)
         return 2

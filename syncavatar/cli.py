@@ -70,6 +70,23 @@ def cmd_client(a):
         raise SystemExit(code)
 
 
+def cmd_soak(a):
+    from clients.client import ClientError
+    from clients.soak import run_soak, summary_line, token_from, verdict
+    cfg = _config(a)
+    telemetry = a.telemetry if a.telemetry is not None else cfg.server.telemetry
+    try:
+        report = run_soak(a.server, a.minutes, a.sessions, thresholds=cfg.soak, json_path=a.json, plot=a.plot,
+                          speech=a.speech, telemetry=telemetry, token=token_from(a.token, cfg.server.token),
+                          interval_s=a.interval, avatar=a.avatar, seed=a.seed)
+    except ClientError as e:
+        raise UserError(str(e)) from None
+    print(summary_line(report), flush=True)
+    code = verdict(report)
+    if code:
+        raise SystemExit(code)
+
+
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(a):
     from engine import train
@@ -367,6 +384,12 @@ def build_parser():
     from clients.client import add_arguments
     add_arguments(cl)
     cl.set_defaults(func=cmd_client)
+
+    sk = sub.add_parser("soak", help="N client sessions with turn-taking speech for M minutes: latency, fps, "
+                        "A/V and server resources over time; exit 1 when a [soak] threshold is broken")
+    from clients.soak import add_arguments as add_soak_arguments
+    add_soak_arguments(sk)
+    sk.set_defaults(func=cmd_soak)
     return p
 
 
