@@ -537,6 +537,11 @@ def check_thresholds(report: dict, t: dict) -> dict:
     elif g > limit:
         out["threads_growth"] = (f"server + worker threads {report['threads_start']:g} -> {report['threads_end']:g} "
                                  f"(+{g:g}, limit {limit:g})")
+    g, limit = report["open_files_growth"], t["open_files_growth"]
+    if g is None:
+        out["open_files_growth"] = "no open-file count from /healthz"
+    elif g > limit:
+        out["open_files_growth"] = f"server + worker open files +{g:g} (limit {limit:g})"
     f, limit = report["fps_min"], t["min_fps"]
     if f is None:
         out["min_fps"] = "no session received video"

@@ -129,16 +129,22 @@ class Engine:
     def idle_loop(self, avatar: str, timeout_s: float = 120) -> IdleLoop:
         """The avatar's idle loop, made on the worker on first use (blocks the caller until then)."""
         avatar = str(avatar)
-        if avatar not in self._idle:
-            ev = threading.Event()
+        loop = self._idle.get(avatar)
+        if loop is None:
+            ev, made = threading.Event(), []
+
+            def wake(result):  # the loop itself: the cache may drop it before this thread looks
+                made.append(result)
+                ev.set()
             with self._lock:
                 first = avatar not in self._idle_wait
-                self._idle_wait.setdefault(avatar, []).append(ev.set)
+                self._idle_wait.setdefault(avatar, []).append(wake)
             if first:
                 self._in.put(("idle", avatar))
-            if not ev.wait(timeout_s) or avatar not in self._idle:
+            if not ev.wait(timeout_s) or made[0] is None:
                 raise RuntimeError(f"could not make the idle loop of avatar {avatar}")
-        return self._idle[avatar]
+            loop = made[0]
+        return loop
 
     def idle_loops_cached(self) -> int:
         return len(self._idle)
@@ -190,12 +196,13 @@ class Engine:
                 job.done(frames, info)
             elif kind == "idle":
                 _, avatar, frames, err = msg
-                if frames is not None:
-                    self._keep_idle_loop(avatar, IdleLoop(frames))
+                loop = None if frames is None else IdleLoop(frames)
+                if loop is not None:
+                    self._keep_idle_loop(avatar, loop)
                 with self._lock:
                     waiters = self._idle_wait.pop(avatar, [])
                 for fn in waiters:
-                    fn()
+                    fn(loop)
 
     def close(self):
         if self.closed:

@@ -82,6 +82,7 @@ class SoakConfig:
     av_drift_ms: float = 40.0  # change of the A/V offset, first minute against the last
     rss_growth_pct: float = 5.0  # server + worker RSS, after warm-up against the end
     threads_growth: int = 8  # server + worker threads, start against the end
+    open_files_growth: int = 8  # server + worker open files (sockets included), start against the end
     min_fps: float = 20.0  # every session, every reported interval
     max_errors: int = 0  # session errors, disconnects and failed connects
 

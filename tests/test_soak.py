@@ -18,7 +18,7 @@ from syncavatar.config import SoakConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"latency_p95_growth_pct": 10.0, "av_drift_ms": 40.0, "rss_growth_pct": 5.0, "threads_growth": 8,
-          "min_fps": 20.0, "max_errors": 0}
+          "open_files_growth": 8, "min_fps": 20.0, "max_errors": 0}
 
 
 def _timeline(n=30, interval_s=60.0, change=None):
@@ -83,6 +83,7 @@ def test_latency_in_the_middle_of_the_run_is_not_an_edge():
 @pytest.mark.parametrize("name, change", [
     ("rss_growth_pct", lambda k, iv: iv.update(rss=700 + 3.0 * k)),  # +12% by the end
     ("threads_growth", lambda k, iv: iv.update(threads=20 + k // 2)),  # +14
+    ("open_files_growth", lambda k, iv: iv.update(files=40 + k)),  # +28: a socket kept per interval
     ("min_fps", lambda k, iv: iv.update(fps=18.5) if k == 17 else None),
     ("av_drift_ms", lambda k, iv: iv.update(av=-20 + 2.5 * k)),  # video later and later: +72 ms
     ("max_errors", lambda k, iv: iv.update(errors=1) if k == 3 else None),
@@ -101,10 +102,10 @@ def test_the_warm_up_interval_does_not_count_as_growth():
 
 def test_what_was_not_measured_is_broken():
     def nothing(k, iv):
-        iv.update(lat=[], av=None, rss=None, threads=None, fps=None)
+        iv.update(lat=[], av=None, rss=None, threads=None, files=None, fps=None)
     report = _summary(_timeline(n=8, interval_s=15, change=nothing))
     assert set(report["broken"]) == {"latency_p95_growth_pct", "av_drift_ms", "rss_growth_pct", "threads_growth",
-                                     "min_fps"}
+                                     "open_files_growth", "min_fps"}
     assert "no latency" in report["broken_detail"]["latency_p95_growth_pct"]
 
 

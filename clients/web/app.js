@@ -15,6 +15,10 @@
   // The page is served at "/" (also reachable as /static/index.html): the API lives beside "/".
   const basePath = location.pathname.replace(/static\/[^/]*$/, "").replace(/[^/]*$/, "");
   const api = (p) => basePath + p;
+  // A server with a bearer token ([server] token): open the page as .../#token=SECRET. The fragment never
+  // leaves the browser (not in requests, not in the server's logs); it is sent as Authorization only.
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  const auth = token ? { Authorization: `Bearer ${token}` } : {};
 
   let pc = null, dc = null, mic = null, remote = null;
   let attempt = 0;          // bumps on every start/stop so late callbacks of an old session do nothing
@@ -143,7 +147,7 @@
       const offer = pc.localDescription;
       const resp = await fetch(api("offer"), {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: { "Content-Type": "application/json", ...auth },
         body: JSON.stringify({ sdp: offer.sdp, type: offer.type, avatar: sa.avatar }),
       });
       let body = null;
@@ -191,7 +195,7 @@
   async function deleteSession(session) {
     if (!session) return;
     try {
-      await fetch(api(`sessions/${encodeURIComponent(session)}`), { method: "DELETE", keepalive: true });
+      await fetch(api(`sessions/${encodeURIComponent(session)}`), { method: "DELETE", keepalive: true, headers: auth });
     } catch (_) { /* the server may be gone; nothing to do */ }
   }
 
