@@ -304,3 +304,38 @@ def test_browser_end_to_end(chromium, live_server, mic_wav, tmp_path):
     assert lat, f"chunk messages carry no numeric latency_est_ms: {chunks[:2]}"
     assert all(isinstance(m.get("fps_out"), (int, float)) for m in seconds), f"second messages: {seconds[:2]}"
     assert delete_status < 300, f"DELETE /sessions/{{session}} answered {delete_status}"
+
+
+def test_browser_with_a_bearer_token(chromium, mic_wav, tmp_path, monkeypatch):
+    """A server with [server] token: the page opened as /#token=T starts and ends its session with it, and
+    without it the page says the server refused (401)."""
+    from playwright.sync_api import sync_playwright
+
+    from conftest import LiveServer
+    monkeypatch.setenv("SYNCAVATAR_TOKEN", "tok-3141")
+    srv = LiveServer(tmp_path / "serve.log").wait_ready()
+    wav, _ = mic_wav
+    try:
+        with sync_playwright() as pw:
+            ctx = pw.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True,
+                args=FLAGS + [f"--use-file-for-fake-audio-capture={wav}"])
+            try:
+                page = ctx.new_page()
+                page.goto(f"{srv.url}/?autostart=1")
+                deadline = time.monotonic() + 30
+                while page.evaluate("() => syncavatar.state") != "error" and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert "401" in page.evaluate("() => syncavatar.error || ''") or \
+                    "token" in page.evaluate("() => syncavatar.error || ''")
+                page = ctx.new_page()
+                page.goto(f"{srv.url}/?autostart=1#token=tok-3141")
+                _wait(page, "() => syncavatar.framesReceived > 0", 30, "the first video frame with the token")
+                with page.expect_response(lambda r: r.request.method == "DELETE", timeout=10_000) as deleted:
+                    page.click("#stop")
+                assert deleted.value.status == 200
+            finally:
+                ctx.close()
+    finally:
+        srv.stop()
+    assert "tok-3141" not in open(srv.log_path).read()
