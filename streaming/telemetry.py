@@ -85,6 +85,10 @@ TABLE = {
     "decision": ["action", "level", "reason"],
     "session": ["event", "avatar"],
 }
+# the schema's fields that the live table leaves out (the CSV has them all)
+CSV_MORE = ["deadline_ms", "send_ms", "ready_frames", "dropped_late", "gap_fill_ms", "level", "jobs_in_flight",
+            "level_name", "playout_delay_ms", "cache", "frames_out", "speech_frames", "idle_frames", "samples_in",
+            "pushes", "errors"]
 
 
 def format_row(msg: dict) -> str:
@@ -98,7 +102,7 @@ def watch(address: str, session: str = "", csv_path: str | None = None, types=("
           "session"), duration: float | None = None, idle_timeout: float | None = None, out=None) -> int:
     """`syncavatar telemetry`: print a live table (one line per message), optionally append CSV rows.
 
-    CSV columns: the union of the schema's fields in a fixed order (TABLE plus times), one row per message.
+    CSV columns: every field of the schema (README's telemetry table) in a fixed order, one row per message.
     Returns the number of messages seen.
     """
     import csv
@@ -106,7 +110,7 @@ def watch(address: str, session: str = "", csv_path: str | None = None, types=("
     import time
     out = out or sys.stdout
     cols = ["schema", "session", "type", "t_ms", "capture_ms", "ready_ms", "gen_start_ms", "gen_end_ms", "send_ms"]
-    for fields in TABLE.values():
+    for fields in list(TABLE.values()) + [CSV_MORE]:
         cols += [c for c in fields if c not in cols]
     writer, fh = None, None
     if csv_path:
