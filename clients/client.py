@@ -551,6 +551,14 @@ def _expert_sync(cap: Capture, heard: np.ndarray, heard_t0: float | None,
     return round(conf, 3), round(lag * 1000.0 / FPS, 1)
 
 
+def write_json(path, obj: dict, what: str) -> None:
+    """Write a stats / report dict as indented JSON; ClientError (one line) if the path cannot be written."""
+    try:
+        Path(path).write_text(json.dumps(obj, indent=1) + "\n")
+    except OSError as e:
+        raise ClientError(f"cannot write {what} ({e.strerror or e}): {path}") from None
+
+
 def write_recording(path, cap: Capture) -> None:
     """Write what a viewer saw and heard: the received frames at 25 fps, the audio from the first frame on."""
     from engine.media import write_mp4
@@ -742,10 +750,7 @@ async def run_client_async(server: str, audio_path: str, record: str | None = No
     cap = await _session(base, loopback, audio, avatar, tail_s, token)
     stats = compute_stats(cap)
     if json_path:
-        try:
-            Path(json_path).write_text(json.dumps(stats, indent=1) + "\n")
-        except OSError as e:
-            raise ClientError(f"cannot write the stats ({e.strerror or e}): {json_path}") from None
+        write_json(json_path, stats, "the stats")
     if record:
         write_recording(record, cap)
     return stats

@@ -41,7 +41,7 @@ import psutil
 
 from clients.client import (FPS, HTTP_TIMEOUT_S, MATCH_WINDOW_S, MIC_FRAME, MIC_RATE, ONSET_FLOOR_DB, REC_RATE, Capture,
                             ClientError, PacedMic, _server_url, _wait_any, audio_timeline, av_offset, live_session,
-                            measure_latency)
+                            measure_latency, write_json)
 
 # the speech
 PAUSE_S = (1.0, 4.0)  # silence between two utterances, uniform
@@ -511,46 +511,37 @@ def summarize(timeline: list[dict], thresholds: dict, latency_est_ms=None, error
 def check_thresholds(report: dict, t: dict) -> dict:
     """{threshold name: why it is broken} for each [soak] threshold the report breaks; one that could not
     be measured counts as broken (a soak that cannot see something must not pass it)."""
+    r = report
+    checks = [  # (threshold, measured value, broken?, why if not measured, why broken)
+        ("latency_p95_growth_pct", r["latency_p95_growth_pct"], lambda g, lim: g > lim,
+         "no latency measured in the first or the last window (no onset answered)",
+         lambda g, lim: f"p95 latency {r['latency_ms_p95_last5']:g} ms in the last {r['latency_edge_s']:g} s vs "
+                        f"{r['latency_ms_p95_first5']:g} ms in the first: {g:+.1f}% (limit {lim:g}%)"),
+        ("av_drift_ms", r["av_drift_ms"], lambda d, lim: abs(d) > lim,
+         "no A/V offset measured in the first or the last window",
+         lambda d, lim: f"A/V offset {r['av_offset_ms_first']:g} -> {r['av_offset_ms_last']:g} ms: "
+                        f"drift {d:+g} ms (limit {lim:g} ms)"),
+        ("rss_growth_pct", r["rss_growth_pct"], lambda g, lim: g > lim,
+         "no RSS from /healthz (its \"process\" figures)",
+         lambda g, lim: f"server + worker RSS {r['rss_mb_start']:g} -> {r['rss_mb_end']:g} MB: "
+                        f"{g:+.1f}% (limit {lim:g}%)"),
+        ("threads_growth", r["threads_growth"], lambda g, lim: g > lim, "no thread count from /healthz",
+         lambda g, lim: f"server + worker threads {r['threads_start']:g} -> {r['threads_end']:g} "
+                        f"(+{g:g}, limit {lim:g})"),
+        ("open_files_growth", r["open_files_growth"], lambda g, lim: g > lim, "no open-file count from /healthz",
+         lambda g, lim: f"server + worker open files +{g:g} (limit {lim:g})"),
+        ("min_fps", r["fps_min"], lambda f, lim: f < lim, "no session received video",
+         lambda f, lim: f"a session received {f:g} fps in one interval (limit {lim:g})"),
+        ("max_errors", r["errors"], lambda e, lim: e > lim, "no error count",
+         lambda e, lim: f"{e} errors ({', '.join(f'{k} {v}' for k, v in r['errors_detail'].items() if v)}; "
+                        f"limit {lim})"),
+    ]
     out = {}
-    g, limit = report["latency_p95_growth_pct"], t["latency_p95_growth_pct"]
-    if g is None:
-        out["latency_p95_growth_pct"] = "no latency measured in the first or the last window (no onset answered)"
-    elif g > limit:
-        out["latency_p95_growth_pct"] = (f"p95 latency {report['latency_ms_p95_last5']:g} ms in the last "
-                                         f"{report['latency_edge_s']:g} s vs {report['latency_ms_p95_first5']:g} ms "
-                                         f"in the first: {g:+.1f}% (limit {limit:g}%)")
-    d, limit = report["av_drift_ms"], t["av_drift_ms"]
-    if d is None:
-        out["av_drift_ms"] = "no A/V offset measured in the first or the last window"
-    elif abs(d) > limit:
-        out["av_drift_ms"] = (f"A/V offset {report['av_offset_ms_first']:g} -> {report['av_offset_ms_last']:g} ms: "
-                              f"drift {d:+g} ms (limit {limit:g} ms)")
-    g, limit = report["rss_growth_pct"], t["rss_growth_pct"]
-    if g is None:
-        out["rss_growth_pct"] = "no RSS from /healthz (its \"process\" figures)"
-    elif g > limit:
-        out["rss_growth_pct"] = (f"server + worker RSS {report['rss_mb_start']:g} -> {report['rss_mb_end']:g} MB: "
-                                 f"{g:+.1f}% (limit {limit:g}%)")
-    g, limit = report["threads_growth"], t["threads_growth"]
-    if g is None:
-        out["threads_growth"] = "no thread count from /healthz"
-    elif g > limit:
-        out["threads_growth"] = (f"server + worker threads {report['threads_start']:g} -> {report['threads_end']:g} "
-                                 f"(+{g:g}, limit {limit:g})")
-    g, limit = report["open_files_growth"], t["open_files_growth"]
-    if g is None:
-        out["open_files_growth"] = "no open-file count from /healthz"
-    elif g > limit:
-        out["open_files_growth"] = f"server + worker open files +{g:g} (limit {limit:g})"
-    f, limit = report["fps_min"], t["min_fps"]
-    if f is None:
-        out["min_fps"] = "no session received video"
-    elif f < limit:
-        out["min_fps"] = f"a session received {f:g} fps in one interval (limit {limit:g})"
-    e, limit = report["errors"], t["max_errors"]
-    if e > limit:
-        detail = ", ".join(f"{k} {v}" for k, v in report["errors_detail"].items() if v)
-        out["max_errors"] = f"{e} errors ({detail}; limit {limit})"
+    for name, value, broken, missing, why in checks:
+        if value is None:
+            out[name] = missing
+        elif broken(value, t[name]):
+            out[name] = why(value, t[name])
     return out
 
 
@@ -809,10 +800,7 @@ def run_soak(server: str, minutes: float, sessions: int = 1, thresholds=None, js
     finally:
         torch.set_num_threads(threads)
     if json_path:
-        try:
-            Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
-        except OSError as e:
-            raise ClientError(f"cannot write the report ({e.strerror or e}): {json_path}") from None
+        write_json(json_path, report, "the report")
     if plot:
         plot_report(report, plot)
     return report

@@ -249,7 +249,7 @@ class AvatarServer:
                                   "process": self.procstats.read(), "tasks": len(asyncio.all_tasks()),
                                   "idle_loops": self.engine.idle_loops_cached()})
 
-    async def _read_offer(self, request) -> tuple[str, str | None, bool]:
+    async def _read_offer(self, request) -> tuple[str, str | int | None, bool]:
         """(sdp, avatar or None, whip) from a JSON or application/sdp body; _BadRequest if unusable."""
         mime = request.content_type
         if mime not in ("application/json", "application/sdp"):

@@ -32,6 +32,20 @@ def rendered(tmp_path_factory, speech_wav):
     return out, json.loads(js.read_text()), fr
 
 
+def http_json(method, url, body=None, content_type="application/json", timeout=30):
+    """(status, JSON body) of one HTTP request; error statuses are returned, not raised."""
+    import json
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, method=method, data=None if body is None else body.encode(),
+                                 headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def free_port():
     import socket
     with socket.socket() as s:

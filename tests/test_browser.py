@@ -215,6 +215,13 @@ def test_mouth_check_can_fail(mic_wav):
 
 # ---------------------------------------------------------------------------- the browser test
 
+def _launch(pw, chromium, tmp_path, wav):
+    """Headless Chromium whose microphone plays `wav` (a fresh profile under tmp_path)."""
+    return pw.chromium.launch_persistent_context(
+        str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True,
+        args=FLAGS + [f"--use-file-for-fake-audio-capture={wav}"])
+
+
 def _wait(page, expr: str, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -235,9 +242,7 @@ def test_browser_end_to_end(chromium, live_server, mic_wav, tmp_path):
     wav, timeline = mic_wav
     js_errors = []
     with sync_playwright() as pw:
-        ctx = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True,
-            args=FLAGS + [f"--use-file-for-fake-audio-capture={wav}"])
+        ctx = _launch(pw, chromium, tmp_path, wav)
         try:
             page = ctx.new_page()
             page.on("pageerror", lambda e: js_errors.append(str(e)))
@@ -317,9 +322,7 @@ def test_browser_with_a_bearer_token(chromium, mic_wav, tmp_path, monkeypatch):
     wav, _ = mic_wav
     try:
         with sync_playwright() as pw:
-            ctx = pw.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True,
-                args=FLAGS + [f"--use-file-for-fake-audio-capture={wav}"])
+            ctx = _launch(pw, chromium, tmp_path, wav)
             try:
                 page = ctx.new_page()
                 page.goto(f"{srv.url}/?autostart=1")

@@ -2,25 +2,15 @@
 import json
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import pytest
 
 from clients.client import run_client
+from conftest import http_json as _http
 from engine.lipsync import evaluate
 from engine.media import read_mp4
 from streaming.telemetry import messages
-
-
-def _http(method, url, body=None):
-    req = urllib.request.Request(url, method=method, data=None if body is None else body.encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_http_endpoints_and_errors(live_server):

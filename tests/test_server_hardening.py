@@ -9,18 +9,16 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from conftest import http_json as _http
 from streaming import server as srv
 from streaming.telemetry import Telemetry
 from syncavatar.config import Config
@@ -233,16 +231,6 @@ PEER = textwrap.dedent("""
 
     asyncio.run(main(sys.argv[1], float(sys.argv[2])))
 """)
-
-
-def _http(method, url, body=None, content_type="application/json"):
-    req = urllib.request.Request(url, method=method, data=None if body is None else body.encode(),
-                                 headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def _health(url):
