@@ -23,6 +23,9 @@ With cross=True (the streaming extension) it also measures, from the second chun
 (`reset(next_chunk=True)` between chunks), the error of bypassing span s at step t with the residual it
 had at step t of the previous chunk: `cross_errors()`. That costs another (number of spans) forwards.
 
+Guidance run as separate calls (layout.branch, see synccache.hooks): each branch is recorded on its own
+(its own step count and residuals), and its errors count as another sample of the same (span, step).
+
     with SpanErrorRecorder(model, layout) as rec:
         for chunk in calibration_chunks:
             rec.reset()              # a new sample: no residuals yet
@@ -52,6 +55,16 @@ def output_rel_l1(cur: torch.Tensor, ref: torch.Tensor, weight=None) -> float:
     return float((w * (cur - ref).abs().float()).sum() / (w * ref.abs().float()).sum().clamp_min(1e-12))
 
 
+class _Track:
+    """What the recorder holds for one branch (CFG pass) of the current sample."""
+
+    def __init__(self, prev_bank=None):
+        self.step = -1
+        self.res, self.inp = {}, {}  # span -> residual of the last plain step; span -> its input, in a step
+        self.hist = {}  # step -> {span: residual}, for ages > 1 and the forecast
+        self.bank, self.prev_bank = {}, prev_bank or {}  # step -> {span: residual}: this / previous chunk
+
+
 class SpanErrorRecorder:
     """Measures err[s][t] on the uncached trajectory; removable like the cache hooks."""
 
@@ -64,9 +77,8 @@ class SpanErrorRecorder:
         self.cross, self.max_age, self.forecast = cross, int(max_age), int(forecast)
         self.weighted = bool(weighted)
         self.weighted_steps, self.uniform_steps = 0, 0  # measured steps with / without an output weight
-        self._hist = {}  # step -> {span: residual}, for ages > 1 and the forecast
         self._xsum, self._xcount = {}, {}
-        self._bank, self._prev_bank = {}, {}  # step -> {span: residual}
+        self._tracks, self._key = {}, None  # branch -> _Track; the branch of the current call
         layout.check_model(model)
         self.model, self.layout = model, layout
         self.spans = layout.spans()
@@ -75,10 +87,15 @@ class SpanErrorRecorder:
         self._asum, self._acount = {}, {}  # (s, t, age) -> summed error, samples
         self._bypass = None  # span bypassed in the current forward, or None (plain, recording)
         self._bypass_res = None
-        self._res, self._inp = {}, {}
-        self._step = -1
         self._wrapped = []
         self._attach()
+
+    @property
+    def _track(self) -> _Track:
+        tr = self._tracks.get(self._key)
+        if tr is None:
+            tr = self._tracks[self._key] = _Track()
+        return tr
 
     def _heavy(self, i, forward, args, kwargs):
         s = self._span_of[i]
@@ -86,25 +103,28 @@ class SpanErrorRecorder:
         x = _hidden(i, args, kwargs)
         if self._bypass == s:
             return x + self._bypass_res if i == first else x
+        tr = self._track
         if self._bypass is None and i == first:
-            self._inp[s] = x
+            tr.inp[s] = x
         out = forward(*args, **kwargs)
         if self._bypass is None and i == last:
-            if not isinstance(out, torch.Tensor) or out.shape != self._inp[s].shape:
+            if not isinstance(out, torch.Tensor) or out.shape != tr.inp[s].shape:
                 raise LayoutError(f"heavy block {i} must return a tensor shaped like its input")
-            self._res[s] = (out - self._inp[s]).detach()
+            tr.res[s] = (out - tr.inp[s]).detach()
         return out
 
     def _forward(self, plain_forward, *args, **kwargs):
-        self._step += 1
-        t = self._step
+        self._key = self.layout.branch(args, kwargs) if self.layout.branch is not None else None
+        tr = self._track
+        tr.step += 1
+        t = tr.step
         by_age = {}  # (span, age) -> output with the span bypassed by its (forecast) residual of step t-age
         for a in range(1, min(t, self.max_age) + 1):
-            if len(self._hist.get(t - a, {})) == len(self.spans):
+            if len(tr.hist.get(t - a, {})) == len(self.spans):
                 res = {s: self._residual(s, t, a) for s in range(len(self.spans))}
                 by_age |= {(s, a): o for s, o in self._bypassed(plain_forward, args, kwargs, res).items()}
         xouts = {}
-        prev = self._prev_bank.get(t, {})
+        prev = tr.prev_bank.get(t, {})
         if self.cross and len(prev) == len(self.spans):
             xouts = self._bypassed(plain_forward, args, kwargs, prev)
         out = plain_forward(*args, **kwargs)
@@ -122,16 +142,17 @@ class SpanErrorRecorder:
         for s, o in xouts.items():
             self._xsum[(s, t)] = self._xsum.get((s, t), 0.0) + output_rel_l1(o, out, w)
             self._xcount[(s, t)] = self._xcount.get((s, t), 0) + 1
-        self._hist[t] = dict(self._res)
-        self._hist.pop(t - 2 * self.max_age, None)
+        tr.hist[t] = dict(tr.res)
+        tr.hist.pop(t - 2 * self.max_age, None)
         if self.cross:
-            self._bank[t] = dict(self._res)
+            tr.bank[t] = dict(tr.res)
         return out
 
     def _residual(self, s, t, a):
         """Span s's residual from step t-a, forecast to step t when configured (slope from step t-2a)."""
-        r = self._hist[t - a][s]
-        old = self._hist.get(t - 2 * a, {}).get(s)
+        hist = self._track.hist
+        r = hist[t - a][s]
+        old = hist.get(t - 2 * a, {}).get(s)
         if self.forecast and old is not None and t - 2 * a >= 1:
             return r + (r - old)  # slope (r - old) / a, extrapolated a steps
         return r
@@ -156,8 +177,7 @@ class SpanErrorRecorder:
     def reset(self, next_chunk: bool = False):
         """A new sample: step numbering restarts and no residual is carried over, except with next_chunk
         (the next chunk of the same session), which keeps this chunk's per-step residuals for cross errors."""
-        self._prev_bank = self._bank if next_chunk else {}
-        self._step, self._res, self._inp, self._bank, self._hist = -1, {}, {}, {}, {}
+        self._tracks = {k: _Track(tr.bank if next_chunk else None) for k, tr in self._tracks.items()}
 
     def errors(self) -> list:
         """[spans][steps] mean error of reusing span s at step t (inf where never measured: step 0)."""

@@ -18,11 +18,19 @@ computed step every cached span stores output - input. Spans outside the budget 
 
 How it attaches: each heavy block gets an instance-level `forward` wrapper (the class method stays as
 it is), the model gets a forward pre-hook and an always-called forward hook that bracket the step, and
-each audio block a pre-hook that only counts calls. `remove()` deletes all of that. Assumptions: heavy
+each audio block a pre-hook that only counts calls. `remove()` deletes all of that.
+
+Classifier-free guidance run as separate passes (diffsynth's Wan pipelines call the DiT once with the
+audio and once without per step): each pass is a *branch* with a cache state of its own, so the two
+trajectories never trade residuals and each follows the schedule step by step. The branch of a call is
+`layout.branch(args, kwargs)` (None: one branch), or the name given with `handle.branch(name)`; cache_bytes
+bounds the residuals of all branches together. A model that runs both halves in one batch (the reference
+DiT) has one branch. Assumptions: heavy
 blocks take the hidden state [B, L, D] as first argument (or `hidden_states=`/`x=`), return a tensor of
 that shape and do not modify their input in place. Forward hooks a user registers on a heavy block
 itself still fire on bypassed steps (the block is called, its own forward is not run).
 """
+import contextlib
 import math
 from typing import Optional
 
@@ -78,7 +86,7 @@ class _Stats:
 
 
 class SyncCacheHandle:
-    """SyncCache attached to one model: reset() per sample or chunk, stats(), remove()."""
+    """SyncCache attached to one model: reset() per sample or chunk, stats(), remove(); branch() for CFG."""
 
     def __init__(self, model: nn.Module, config: SyncCacheConfig, layout: BlockLayout):
         self.model, self.config, self.layout = model, config, layout
@@ -92,7 +100,20 @@ class SyncCacheHandle:
                     self._block_span[i] = s
         self._candidates = self._select_candidates()
         self._wrapped, self._hooks, self._removed = [], [], False
-        self.state, self._stats = _State(len(self.spans)), _Stats(len(self.spans))
+        self._states, self._key, self._forced = {}, None, []  # branch -> _State; current branch
+        self._stats = _Stats(len(self.spans))
+
+    @property
+    def state(self) -> _State:
+        """The cache state of the current branch (see the module docstring)."""
+        st = self._states.get(self._key)
+        if st is None:
+            st = self._states[self._key] = _State(len(self.spans))
+        return st
+
+    def _held_bytes(self) -> int:
+        """Bytes of residuals held by every branch together."""
+        return sum(st.cache_bytes() for st in self._states.values())
 
     # --- budget ------------------------------------------------------------------------------------
     def _select_candidates(self):
@@ -125,18 +146,22 @@ class SyncCacheHandle:
         st.res[s], st.slope[s], st.res_step[s] = None, None, None
         limit = self.config.cache_bytes
         need = res.numel() * res.element_size() * (2 if self.config.forecast else 1)
-        if limit is not None and st.cache_bytes() + need > limit:
+        if limit is not None and self._held_bytes() + need > limit:
             st.active = [a for a in st.active if a != s]
             return
         st.res[s], st.res_step[s] = res, st.step
         # step 0 sees pure noise: its residual is off the smooth part of the trajectory, no slope from it
         if self.config.forecast and prev is not None and prev.shape == res.shape and 0 < prev_step < st.step:
             st.slope[s] = (res - prev) / (st.step - prev_step)
-        self._stats.peak_bytes = max(self._stats.peak_bytes, st.cache_bytes())
+        self._stats.peak_bytes = max(self._stats.peak_bytes, self._held_bytes())
 
     # --- per step ----------------------------------------------------------------------------------
     def _begin(self, module, args, kwargs):
-        """Model forward pre-hook: a new step."""
+        """Model forward pre-hook: a new step (of the branch this call belongs to)."""
+        if self._forced:
+            self._key = self._forced[-1]
+        else:
+            self._key = self.layout.branch(args, kwargs) if self.layout.branch is not None else None
         st, cfg = self.state, self.config
         st.step += 1
         st.args, st.kwargs, st.in_step = args, kwargs, True
@@ -248,19 +273,30 @@ class SyncCacheHandle:
             self._hooks.append(blk.register_forward_pre_hook(self._count_audio))
 
     def reset(self, keep_stats: bool = False, next_chunk: bool = False) -> None:
-        """Forget residuals and probe state (new sample or chunk); stats too unless keep_stats.
+        """Forget residuals and probe state of every branch (new sample or chunk); stats too unless keep_stats.
 
         next_chunk (streaming extension): the next sample is the next chunk of the same session, so the
-        residuals this chunk banked for `cross` steps are kept for it.
+        residuals each branch banked for `cross` steps are kept for it.
         """
-        bank = self.state.bank if next_chunk and self.config.stream else {}
-        active = self.state.active
-        self.state = _State(len(self.spans))
-        self.state.prev_bank = bank
-        if bank:
-            self.state.active = active
+        fresh = {}
+        for key, old in self._states.items():
+            bank = old.bank if next_chunk and self.config.stream else {}
+            if bank:
+                fresh[key] = st = _State(len(self.spans))
+                st.prev_bank, st.active = bank, old.active
+        self._states = fresh
         if not keep_stats:
             self._stats = _Stats(len(self.spans))
+
+    @contextlib.contextmanager
+    def branch(self, name):
+        """Calls inside this block belong to branch `name` (e.g. "negative" for the unconditional CFG pass),
+        whatever layout.branch says: each branch keeps its own residuals and step count."""
+        self._forced.append(name)
+        try:
+            yield self
+        finally:
+            self._forced.pop()
 
     def remove(self) -> None:
         """Detach everything: the model's modules are as they were before apply_synccache."""
@@ -268,12 +304,12 @@ class SyncCacheHandle:
             return
         detach(self._wrapped, self._hooks)
         self._wrapped, self._hooks, self._removed = [], [], True
-        self.state = _State(len(self.spans))
+        self._states = {}
 
     def stats(self) -> dict:
         """Per-span computed/reused counts, probe error trace, residual bytes, audio block calls."""
-        st, ss = self.state, self._stats
-        active = st.active if st.active is not None else self._candidates
+        st, ss = self._states.get(self._key), self._stats
+        active = st.active if st is not None and st.active is not None else self._candidates
         return {
             "mode": "off" if not self.config.enabled else ("probe" if self.probing else
                                                             "schedule+stream" if self.config.stream else "schedule"),
@@ -284,8 +320,8 @@ class SyncCacheHandle:
                       for s, (b, c) in enumerate(zip(self.spans, self.cacheable))],
             "cached_spans": list(active),
             "probe_error": list(ss.probe_error), "accumulated_error": list(ss.accumulated),
-            "cache_bytes": st.cache_bytes(), "peak_cache_bytes": ss.peak_bytes,
-            "audio_calls": ss.audio_calls,
+            "cache_bytes": self._held_bytes(), "peak_cache_bytes": ss.peak_bytes,
+            "audio_calls": ss.audio_calls, "branches": [str(k) for k in self._states],
         }
 
     def __enter__(self):

@@ -7,7 +7,7 @@ duck typing (this package never imports engine/).
 """
 import operator
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,12 @@ class BlockLayout:
     human_weight: per-token weight emphasising the person for the current sample (None: uniform).
     output_weight: per-sample weight on the model's output, by which calibration (SpanErrorRecorder)
       weighs the error of a reuse, e.g. the face and most of all the mouth (None: uniform).
+    branch: branch(args, kwargs) -> a hashable key naming the pass a call belongs to, when classifier-free
+      guidance runs as separate calls (e.g. "positive" / "negative"); each branch keeps its own cache
+      state. None: every call is one branch.
+    weight_prefix: human_weight may cover only the first N tokens of the sequence; the rest get the
+      sample's smallest weight (Wan-S2V appends motion tokens whose number its arguments do not show).
+      Without it a weight of the wrong length is an error.
     """
     heavy: Sequence[nn.Module]
     audio: Sequence[nn.Module]
@@ -49,6 +55,8 @@ class BlockLayout:
     probe: int = 0
     human_weight: Optional[WeightFn] = None
     output_weight: Optional[WeightFn] = None
+    branch: Optional[Callable[[tuple, dict], Hashable]] = None
+    weight_prefix: bool = False
 
     def __post_init__(self):
         self.heavy, self.audio, self.audio_after = list(self.heavy), list(self.audio), tuple(self.audio_after)
@@ -81,10 +89,11 @@ class BlockLayout:
         if not _is_index(self.probe, len(self.heavy)):
             raise LayoutError(f"probe {self.probe!r} is not a heavy block index 0..{len(self.heavy) - 1}")
         self.probe = int(self.probe)
-        for name in ("human_weight", "output_weight"):
+        for name, gives in (("human_weight", "tensor or None"), ("output_weight", "tensor or None"),
+                            ("branch", "hashable key")):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
-                raise LayoutError(f"{name} must be a function (args, kwargs) -> tensor or None, "
+                raise LayoutError(f"{name} must be a function (args, kwargs) -> {gives}, "
                                   f"got a {type(fn).__name__}")
 
     def check_model(self, model: nn.Module):
@@ -112,12 +121,19 @@ class BlockLayout:
         return [(max(a, lo), b) if max(a, lo) <= b else None for a, b in self.spans()]
 
     def weight(self, args: tuple, kwargs: dict, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        """The human weight [B, L] for this step, checked against the hidden state [B, L, D]."""
+        """The human weight [B, L] for this step, checked against the hidden state [B, L, D].
+
+        With weight_prefix, a weight may cover only the first N < L tokens: the other L - N get the
+        sample's smallest weight.
+        """
         if self.human_weight is None:
             return None
         w = self.human_weight(args, kwargs)
         if w is None:
             return None
+        if self.weight_prefix and isinstance(w, torch.Tensor) and w.dim() == 2 \
+                and w.shape[0] == hidden.shape[0] and 0 < w.shape[1] < hidden.shape[1]:
+            w = torch.cat([w, w.amin(1, keepdim=True).expand(-1, hidden.shape[1] - w.shape[1])], 1)
         self.check_weight(w, hidden)
         return w
 
