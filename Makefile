@@ -26,7 +26,12 @@ sysdeps:
 	  else echo "make test needs system packages:$$missing (run: sudo apt-get install$$missing)" >&2; exit 1; fi; \
 	fi
 
-test: sysdeps venv
+# the tests also run SyncCache on the real Wan2.2-S2V class: the [wan] extra (diffsynth)
+$(VENV)/.installed-wan: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,wan]'
+	touch $@
+
+test: sysdeps venv $(VENV)/.installed-wan
 	$(BIN)/python -m pytest -q
 
 serve: venv

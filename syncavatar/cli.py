@@ -159,6 +159,9 @@ def cmd_render(a):
 
 # -------------------------------------------------------------------------------------- calibrate
 def cmd_calibrate(a):
+    if a.wan_s2v:
+        return cmd_calibrate_wan(a)
+    a.out = a.out or "configs/synccache/ref-XS.json"
     from engine.calibrate import calibrate
     from engine.model.avatar import load_model
     cfg = _config(a)
@@ -167,7 +170,7 @@ def cmd_calibrate(a):
         raise UserError("--steps must be >= 2")
     model = load_model(a.weights or cfg.path(cfg.model.weights))
     try:
-        summary = calibrate(model, a.out, steps, a.budget, clips=a.clips, corpus=a.corpus,
+        summary = calibrate(model, a.out, steps, a.budget or "4", clips=a.clips, corpus=a.corpus,
                             reuse_fraction=a.reuse_fraction, error_bound=a.error_bound, max_run=a.max_run or None,
                             guidance=cfg.model.guidance, noise_scale=cfg.model.noise_scale, plot=a.plot,
                             stream_out=a.stream_out or None, peers_out=a.peers_out or None,
@@ -178,7 +181,45 @@ def cmd_calibrate(a):
     print(json.dumps(summary))
 
 
+def cmd_calibrate_wan(a):
+    from engine.wan_s2v import WanS2VError, calibrate_pipeline
+    try:
+        summary = calibrate_pipeline(a.wan_s2v, a.audio, a.image, a.out or "wan-s2v.json", steps=a.steps or 40,
+                                     budget=a.budget or "12", reuse_fraction=a.reuse_fraction, mask=a.mask,
+                                     prompt=a.prompt, max_run=a.max_run or None, device=a.device,
+                                     progress=not a.quiet)
+    except WanS2VError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(summary))
+
+
 # ------------------------------------------------------------------------------------------ bench
+def cmd_bench_wan(a):
+    from engine.wan_s2v import WanS2VError, cost_report
+    from synccache import Schedule
+    cfg = _config(a)
+    scheds = {"default": Schedule.load(cfg.path(cfg.cache.schedule)),
+              "live": Schedule.load(cfg.path(cfg.live.schedule))}
+    try:
+        r = cost_report(scheds, steps=a.steps, height=a.height, width=a.width, frames=a.frames)
+    except WanS2VError as e:
+        raise UserError(str(e)) from None
+    f = r["flops"]
+    print(f"Wan2.2-S2V-14B, {a.height}x{a.width}, {a.frames} frames ({r['video_tokens']} video tokens), "
+          f"one CFG pass (a step is two):")
+    for part in ("heavy", "audio", "audio_encoder", "rest", "total"):
+        print(f"  {part:14s} {f[part] / 1e12:9.2f} TFLOP  {100 * f[part] / f['total']:6.2f} %")
+    print(f"per denoising step: {r['per_step_flops'] / 1e12:.1f} TFLOP; {a.steps} steps: "
+          f"{a.steps * r['per_step_flops'] / 1e15:.1f} PFLOP per chunk")
+    for name, s in r["schedules"].items():
+        print(f"schedule {name} ({s['source_steps']} steps, stretched to {a.steps}): computes "
+              f"{100 * s['computed_fraction']:.1f} % of the heavy work -> DiT speedup ceiling "
+              f"{s['speedup_ceiling']:.2f}x")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(r, indent=1))
+
+
 def cmd_bench(a):
     from engine.bench import bench_cache, default_sweep, pareto_plot, print_matched, print_table, write_json
     from engine.model.avatar import load_model
@@ -303,8 +344,9 @@ def build_parser():
 
     c = sub.add_parser("calibrate", help="measure span reuse errors, solve the SyncCache schedule (DP)")
     c.add_argument("--steps", type=int, default=None, help="sampler steps (default from the config)")
-    c.add_argument("--budget", default="4", help="spans that may keep residuals: a count, or bytes (512K, 1M)")
-    c.add_argument("--out", default="configs/synccache/ref-XS.json")
+    c.add_argument("--budget", default=None, help="spans that may keep residuals: a count, or bytes (512K, 1M); "
+                   "default 4 (the reference model's all), 12 with --wan-s2v")
+    c.add_argument("--out", default=None, help="default configs/synccache/ref-XS.json (wan-s2v.json with --wan-s2v)")
     c.add_argument("--clips", type=int, default=6, help="calibration clips (train split, made on the fly)")
     c.add_argument("--chunks-per-clip", type=int, default=8,
                    help="consecutive chunks of each clip, from one chunk before its speech starts")
@@ -330,6 +372,14 @@ def build_parser():
     c.add_argument("--weights", default=None)
     c.add_argument("--config", default=None)
     c.add_argument("--quiet", action="store_true")
+    w = c.add_argument_group("Wan2.2-S2V (on a GPU, with your own weights; nothing is downloaded)")
+    w.add_argument("--wan-s2v", default=None, metavar="DIR",
+                   help="calibrate on diffsynth's Wan2.2-S2V pipeline from the model folder DIR instead")
+    w.add_argument("--audio", default=None, help="calibration speech (any file PyAV reads)")
+    w.add_argument("--image", default=None, help="the portrait to animate (PNG/JPEG)")
+    w.add_argument("--mask", default=None, help="person/face mask image of the portrait (white = person)")
+    w.add_argument("--prompt", default="a person talking", help="text prompt")
+    w.add_argument("--device", default="cuda")
     c.set_defaults(func=cmd_calibrate)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -344,6 +394,15 @@ def build_parser():
     bc.add_argument("--config", default=None)
     bc.add_argument("--quiet", action="store_true")
     bc.set_defaults(func=cmd_bench)
+    bw = bsub.add_parser("wan", help="Wan2.2-S2V-14B: FLOPs per step by part (meta device, no weights) and "
+                         "the DiT speedup ceiling of the shipped schedules")
+    bw.add_argument("--steps", type=int, default=40)
+    bw.add_argument("--height", type=int, default=448)
+    bw.add_argument("--width", type=int, default=832)
+    bw.add_argument("--frames", type=int, default=80, help="video frames per chunk (4 per latent frame)")
+    bw.add_argument("--json", default=None)
+    bw.add_argument("--config", default=None)
+    bw.set_defaults(func=cmd_bench_wan)
 
     e = sub.add_parser("eval", help="lip-sync metrics of a video (sync_conf, offset_frames, env_corr; "
                        "face_psnr with --avatar)")

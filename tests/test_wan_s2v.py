@@ -368,3 +368,71 @@ def test_calibration_records_both_branches_and_plans(dit, code):
     pipe(_inputs(3))
     assert handle.stats()["reuse_steps"] == 2 * sum(any(r[t] for r in sched.reuse) for t in range(STEPS))
     handle.remove()
+
+
+# --- cost and the user's path -------------------------------------------------------------------------
+def test_flops_split_by_part_follow_the_config(code):
+    """FLOPs on the meta device: the heavy part grows with the blocks, the audio part with the injections."""
+    from engine.wan_s2v import S2V_14B, computed_fraction, speedup_ceiling, step_flops, stretch
+    small = dict(S2V_14B, num_layers=8, audio_inject_layers=[0, 4])
+    base = step_flops(small, height=64, width=64, frames=8)["flops"]
+    deeper = step_flops(dict(small, num_layers=16), height=64, width=64, frames=8)["flops"]
+    more_audio = step_flops(dict(small, audio_inject_layers=[0, 2, 4, 6]), height=64, width=64, frames=8)["flops"]
+    assert deeper["heavy"] == 2 * base["heavy"] and deeper["audio"] == base["audio"]
+    assert more_audio["audio"] == 2 * base["audio"] and more_audio["heavy"] == base["heavy"]
+    assert base["total"] == sum(base[k] for k in ("heavy", "audio", "audio_encoder", "rest"))
+    assert speedup_ceiling(base, 1.0) == pytest.approx(1.0)
+    assert speedup_ceiling(base, 0.0) == pytest.approx(base["total"] / (base["total"] - base["heavy"]))
+    sched = Schedule(reuse=[[False, True, True, False]] * 2)  # 2 spans, 4 steps: half the steps computed
+    spans = [(0, 0), (1, 4), (5, 8), (9, 11)]
+    wide = stretch(sched, 8, spans)
+    assert wide.steps == 8 and wide.num_spans == 4 and wide.reuse[0][0] is False
+    assert all(row == [False, False, True, True, True, True, False, False] for row in wide.reuse)
+    assert computed_fraction(Schedule(reuse=[[False] * 8] * 4, spans=[list(p) for p in spans]), spans) == 1.0
+
+
+def _run_cli(argv, capsys):
+    from syncavatar.cli import main
+    rc = main(argv)
+    return rc, capsys.readouterr()
+
+
+def test_bench_wan_reports_parts_and_ceilings(code, tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    rc, io = _run_cli(["bench", "wan", "--height", "64", "--width", "64", "--frames", "8",
+                       "--json", str(out)], capsys)
+    assert rc == 0 and "speedup ceiling" in io.out
+    import json
+    r = json.loads(out.read_text())
+    assert set(r["flops"]) == {"heavy", "audio", "audio_encoder", "rest", "total"}
+    assert set(r["schedules"]) == {"default", "live"} and r["per_step_flops"] == 2 * r["flops"]["total"]
+    for s in r["schedules"].values():
+        assert 0 < s["computed_fraction"] < 1 and s["speedup_ceiling"] > 1
+
+
+def test_calibrate_wan_errors_name_what_is_missing(code, tmp_path, capsys):
+    rc, io = _run_cli(["calibrate", "--wan-s2v", str(tmp_path / "none")], capsys)
+    assert rc == 2 and "does not exist" in io.err and len(io.err.strip().splitlines()) == 1
+    folder = tmp_path / "wan"
+    folder.mkdir()
+    rc, io = _run_cli(["calibrate", "--wan-s2v", str(folder)], capsys)
+    assert rc == 2 and len(io.err.strip().splitlines()) == 1
+    for part in ("DiT", "audio encoder", "audio processor", "text encoder", "tokenizer", "VAE"):
+        assert part in io.err
+    (folder / "wav2vec2-large-xlsr-53-english").mkdir()
+    (folder / "google" / "umt5-xxl").mkdir(parents=True)
+    for name in ("diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors",
+                 "wav2vec2-large-xlsr-53-english/model.safetensors", "models_t5_umt5-xxl-enc-bf16.pth",
+                 "Wan2.1_VAE.pth"):
+        (folder / name).write_bytes(b"")
+    rc, io = _run_cli(["calibrate", "--wan-s2v", str(folder), "--image", str(tmp_path / "p.png")], capsys)
+    assert rc == 2 and "--audio None is not a file" in io.err
+    wav, png = tmp_path / "a.wav", tmp_path / "p.png"
+    wav.write_bytes(b"")
+    png.write_bytes(b"")
+    rc, io = _run_cli(["calibrate", "--wan-s2v", str(folder), "--audio", str(wav), "--image", str(png),
+                       "--device", "cpu"], capsys)
+    assert rc == 2 and "runs on a CUDA GPU" in io.err and len(io.err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        rc, io = _run_cli(["calibrate", "--wan-s2v", str(folder), "--audio", str(wav), "--image", str(png)], capsys)
+        assert rc == 2 and "no CUDA GPU" in io.err
