@@ -1,12 +1,17 @@
 """Chunk-by-chunk generation, shared by offline render and the live engine.
 
-A chunk is W video frames (40 ms each). Its audio window spans `lookback` frames before and
-`lookahead` frames after the chunk; the DiT also sees the reference portrait and the last latent frames
-of the previous chunk (motion tokens), so consecutive chunks join without seams.
+`Generator` is what render (and the live engine) drive: audio in, one chunk of frames out, the motion
+state carried inside from chunk to chunk. Two backends implement it: `ChunkGenerator`, the reference
+model (the default), and engine.wan_s2v.WanS2VGenerator, Wan2.2-S2V through the user's diffsynth pipeline.
+
+Reference model: a chunk is W video frames (40 ms each). Its audio window spans `lookback` frames before
+and `lookahead` frames after the chunk; the DiT also sees the reference portrait and the last latent
+frames of the previous chunk (motion tokens), so consecutive chunks join without seams.
 """
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -32,8 +37,28 @@ def load_avatar(avatar_id) -> Avatar:
     return Avatar(str(avatar_id), rgb, person, face)
 
 
+class Generator(Protocol):
+    """A talking-portrait backend, one chunk at a time (motion state inside, reset per utterance)."""
+    fps: float  # video frames per second
+    frames_per_chunk: int  # W
+
+    def chunk(self, audio: torch.Tensor, start_frame: int) -> np.ndarray:
+        """Frames [start_frame, start_frame + W) -> uint8 [W, height, width, 3]; audio: float [S] 16 kHz,
+        the whole utterance so far (a backend reads the window it needs)."""
+
+    def reset(self) -> None:
+        """A new utterance: motion restarts from the portrait."""
+
+    def cache_stats(self) -> dict:
+        """computed_steps, reused_steps, cache_bytes."""
+
+    def close(self) -> None:
+        """Detach caches; the model is as it was."""
+
+
 class ChunkGenerator:
     """Generates one chunk of frames at a time for one avatar, carrying motion latents across chunks."""
+    fps = FPS
 
     def __init__(self, model, avatar: Avatar, steps=DEFAULT_STEPS, seed=0, shift=1.0, cache=None,
                  guidance=DEFAULT_GUIDANCE, noise_scale=DEFAULT_NOISE_SCALE, fixed_noise=False):
@@ -51,6 +76,7 @@ class ChunkGenerator:
             from engine.caching import attach
             self.cache = attach(model.dit, cache)
         self.cfg = model.cfg
+        self.frames_per_chunk = model.cfg.frames
         self.seed = seed
         with torch.no_grad():
             ref = model.ae.to_input(avatar.rgb)[None]
@@ -117,12 +143,25 @@ def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=Fa
     cache: None (plain model) or a synccache.SyncCacheConfig; guidance, noise_scale: see ChunkGenerator.
     """
     t_start = time.perf_counter()
-    audio_t = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-    audio_s = len(audio) / SAMPLE_RATE
-    total = max(1, math.ceil(audio_s * FPS))
     gen = ChunkGenerator(model, avatar, steps=steps, seed=seed, cache=cache, guidance=guidance,
                          noise_scale=noise_scale)
-    w = model.cfg.frames
+    frames, stats = render_with(gen, audio, progress)
+    total_ms = (time.perf_counter() - t_start) * 1000
+    stats |= {"steps": steps, "guidance": guidance, "dit_ms": round(gen.timer["dit_ms"], 1),
+              "total_ms": round(total_ms, 1),
+              "rtf": round(total_ms / 1000 / stats["audio_s"], 4) if stats["audio_s"] > 0 else None,
+              "cache": cache_name(cache)}
+    return frames, stats
+
+
+def render_with(gen: Generator, audio, progress=False):
+    """Drive any Generator over a whole utterance -> (frames uint8 [T, h, w, 3], stats), T = ceil(audio_s *
+    gen.fps); closes the generator. Stats: frames, chunks, audio_s, fps, total_ms, rtf and the cache's."""
+    t_start = time.perf_counter()
+    audio_t = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    audio_s = len(audio) / SAMPLE_RATE
+    total = max(1, math.ceil(audio_s * gen.fps))
+    w = gen.frames_per_chunk
     chunks = math.ceil(total / w)
     it = range(chunks)
     if progress:
@@ -135,8 +174,6 @@ def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=Fa
         gen.close()
     frames = np.concatenate(frames)[:total]
     total_ms = (time.perf_counter() - t_start) * 1000
-    stats = {"frames": int(total), "chunks": chunks, "audio_s": round(audio_s, 4), "steps": steps,
-             "guidance": guidance, "dit_ms": round(gen.timer["dit_ms"], 1), "total_ms": round(total_ms, 1),
-             "rtf": round(total_ms / 1000 / audio_s, 4) if audio_s > 0 else None,
-             "cache": cache_name(cache)} | cache_stats
-    return frames, stats
+    return frames, {"frames": int(total), "chunks": chunks, "audio_s": round(audio_s, 4), "fps": gen.fps,
+                    "total_ms": round(total_ms, 1),
+                    "rtf": round(total_ms / 1000 / audio_s, 4) if audio_s > 0 else None} | cache_stats

@@ -302,3 +302,72 @@ def calibrate_pipeline(folder, audio, image, out, steps: int = 40, budget: str =
     sched.save(out)
     return {"out": str(out), "steps": steps, "spans": len(spans), "cached_spans": len(sched.cached_spans),
             "reuses": sched.reuse_count, "computed_fraction": computed_fraction(sched, spans)}
+
+
+# --- the generator backend -------------------------------------------------------------------------
+class WanS2VGenerator:
+    """engine.generator.Generator on a diffsynth Wan2.2-S2V pipeline: `infer_frames` frames at 16 fps per
+    chunk, the last `motion_frames` generated frames carried as the next chunk's motion video (as
+    diffsynth's multi-clip example does), SyncCache applied to the pipeline when `cache` is given.
+
+    Each chunk hands the pipeline the chunk's own audio (its wav2vec features are computed per chunk,
+    so no audio from beyond the chunk is needed: the order a live stream could feed it).
+    """
+    fps = 16
+    SAMPLE_RATE = 16000
+
+    def __init__(self, pipe, image, prompt: str = "a person talking", negative_prompt: str = "",
+                 steps: int = 40, infer_frames: int = 80, motion_frames: int = 73, height: int = 448,
+                 width: int = 832, cache=None, person_mask=None, seed: int = 0):
+        """image: the portrait (PIL image, resized to width x height); cache: a SyncCacheConfig or None."""
+        if infer_frames % 4:
+            raise WanS2VError(f"infer_frames must be a multiple of 4, got {infer_frames}")
+        self.pipe, self.prompt, self.negative_prompt = pipe, prompt, negative_prompt
+        self.image = image.convert("RGB").resize((width, height))
+        self.steps, self.frames_per_chunk, self.motion_frames = steps, infer_frames, motion_frames
+        self.height, self.width, self.seed = height, width, seed
+        self.handle = None
+        if cache is not None:
+            from synccache.wan_s2v import apply_to_pipeline
+            self.handle = apply_to_pipeline(pipe, cache, person_mask)
+        self.reset()
+
+    def reset(self):
+        self.motion_video, self.chunks = None, 0
+
+    def chunk(self, audio, start_frame):
+        """Frames [start_frame, start_frame + W) at 16 fps -> uint8 [W, height, width, 3]."""
+        import numpy as np
+        w, sr = self.frames_per_chunk, self.SAMPLE_RATE
+        a0, a1 = start_frame * sr // self.fps, (start_frame + w) * sr // self.fps
+        speech = np.zeros(a1 - a0, np.float32)
+        got = audio[a0:a1].numpy() if hasattr(audio, "numpy") else np.asarray(audio[a0:a1], np.float32)
+        speech[:len(got)] = got
+        video = self.pipe(prompt=self.prompt, negative_prompt=self.negative_prompt, input_image=self.image,
+                          input_audio=speech, audio_sample_rate=sr, num_frames=w + 1, height=self.height,
+                          width=self.width, motion_video=self.motion_video, num_inference_steps=self.steps,
+                          seed=self.seed, output_type="floatpoint")  # [1, 3, frames, H, W] in [-1, 1]
+        clip = video[:, :, -w:]
+        tail = clip[:, :, 3:] if self.chunks == 0 else clip  # the first frames repeat the portrait
+        keep = min(self.motion_frames, tail.shape[2])
+        prev = self.motion_video[:, :, keep:] if self.motion_video is not None else tail[:, :, :0]
+        motion = torch.cat([prev, tail[:, :, -keep:]], dim=2)
+        short = self.motion_frames - motion.shape[2]  # the pipeline takes exactly motion_frames frames
+        if short > 0:
+            motion = torch.cat([motion[:, :, :1].expand(-1, -1, short, -1, -1), motion], dim=2)
+        self.motion_video = motion.clone()
+        self.chunks += 1
+        frames = ((clip[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round()
+        return frames.to(torch.uint8).cpu().numpy()
+
+    def cache_stats(self):
+        if self.handle is None:
+            return {"computed_steps": self.chunks * self.steps, "reused_steps": 0, "cache_bytes": 0}
+        st = self.handle.stats()
+        return {"computed_steps": st["computed_steps"], "reused_steps": st["reuse_steps"],
+                "cache_bytes": st["peak_cache_bytes"]}
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

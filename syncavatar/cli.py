@@ -121,6 +121,11 @@ def cmd_render(a):
     from engine.generator import load_avatar, render_frames
     from engine.media import MediaError, load_audio, write_mp4
     from engine.model.avatar import load_model
+    if a.wan_s2v:
+        try:
+            return _render_wan(a, load_audio(a.audio, 16000))
+        except MediaError as e:
+            raise UserError(str(e)) from None
     cfg = _config(a)
     a.avatar = a.avatar if a.avatar is not None else cfg.engine.avatar
     a.steps = a.steps if a.steps is not None else cfg.model.steps
@@ -152,6 +157,39 @@ def cmd_render(a):
     if a.frames_out:
         np.save(a.frames_out, frames)
     stats = {"out": str(out), "avatar": str(a.avatar)} | stats
+    if a.json:
+        Path(a.json).write_text(json.dumps(stats, indent=1))
+    print(json.dumps(stats))
+
+
+def _render_wan(a, audio):
+    """render on Wan2.2-S2V from the user's model folder (GPU): --image, optional --mask and --schedule."""
+    from engine.generator import render_with
+    from engine.media import write_mp4
+    from engine.wan_s2v import WanS2VError, WanS2VGenerator, check_model_dir, load_mask, load_pipeline
+    from synccache import ScheduleError, SyncCacheConfig
+    if a.cache not in ("none", "synccache"):
+        raise UserError(f"--cache {a.cache} is not available on Wan2.2-S2V; use synccache with --schedule")
+    try:
+        check_model_dir(a.wan_s2v)
+        if not a.image or not Path(a.image).is_file():
+            raise WanS2VError(f"--image {a.image} is not a file (the portrait to animate)")
+        if a.cache == "synccache" and not a.schedule:
+            raise WanS2VError("--cache synccache on Wan2.2-S2V needs --schedule (from calibrate --wan-s2v)")
+        cache = SyncCacheConfig(schedule=a.schedule) if a.cache == "synccache" else None
+        from PIL import Image
+        image = Image.open(a.image)
+        mask = load_mask(a.mask, image.size) if a.mask else None
+        pipe = load_pipeline(a.wan_s2v, a.device)
+        gen = WanS2VGenerator(pipe, image, prompt=a.prompt, steps=a.steps or 40, cache=cache, person_mask=mask,
+                              seed=a.seed or 0)
+    except (WanS2VError, ScheduleError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    frames, stats = render_with(gen, audio, progress=not a.quiet)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(out, frames, gen.fps, audio, 16000)
+    stats = {"out": str(out), "backend": "wan-s2v", "cache": a.cache} | stats
     if a.json:
         Path(a.json).write_text(json.dumps(stats, indent=1))
     print(json.dumps(stats))
@@ -340,6 +378,14 @@ def build_parser():
                    help="synccache (probe online instead of the schedule), teacache, fbcache, magcache: the "
                         "reuse threshold; fora, deepcache: the interval N")
     r.add_argument("--quiet", action="store_true")
+    rw = r.add_argument_group("Wan2.2-S2V backend (a CUDA GPU and your own weights; nothing is downloaded)")
+    rw.add_argument("--wan-s2v", default=None, metavar="DIR",
+                    help="render with Wan2.2-S2V from the model folder DIR instead of the reference model")
+    rw.add_argument("--image", default=None, help="the portrait to animate")
+    rw.add_argument("--mask", default=None, help="person/face mask image of the portrait (white = person)")
+    rw.add_argument("--schedule", default=None, help="SyncCache schedule from calibrate --wan-s2v")
+    rw.add_argument("--prompt", default="a person talking")
+    rw.add_argument("--device", default="cuda")
     r.set_defaults(func=cmd_render)
 
     c = sub.add_parser("calibrate", help="measure span reuse errors, solve the SyncCache schedule (DP)")

@@ -436,3 +436,80 @@ def test_calibrate_wan_errors_name_what_is_missing(code, tmp_path, capsys):
     if not torch.cuda.is_available():
         rc, io = _run_cli(["calibrate", "--wan-s2v", str(folder), "--audio", str(wav), "--image", str(png)], capsys)
         assert rc == 2 and "no CUDA GPU" in io.err
+
+
+# --- the generator backend ----------------------------------------------------------------------------
+class _RecordingPipeline:
+    """Stands in for WanVideoPipeline.__call__ (no weights): records what each chunk is given and returns
+    num_frames frames whose value encodes the call number, through the real DiT's model_fn when asked."""
+
+    def __init__(self, dit=None, fn=None):
+        self.calls, self.dit, self.model_fn = [], dit, fn
+
+    def __call__(self, **kw):
+        self.calls.append(kw)
+        n, h, w = kw["num_frames"], kw["height"], kw["width"]
+        if self.dit is not None:  # run the real model's steps so a cache has something to do
+            inp = _inputs(len(self.calls))
+            _FakePipeline(self.dit, self.model_fn)(inp, steps=kw["num_inference_steps"])
+        video = torch.linspace(-1, 1, n).view(1, 1, n, 1, 1).expand(1, 3, n, h, w).clone()
+        return video + 0 * len(self.calls)
+
+
+def test_wan_generator_windows_audio_carries_motion_and_renders(tmp_path):
+    from PIL import Image
+
+    from engine.generator import render_with
+    from engine.wan_s2v import WanS2VGenerator
+    pipe = _RecordingPipeline()
+    gen = WanS2VGenerator(pipe, Image.new("RGB", (64, 48)), steps=3, infer_frames=8, motion_frames=6,
+                          height=32, width=48)
+    audio = torch.arange(16000 * 2, dtype=torch.float32).numpy()  # 2 s: 32 frames at 16 fps = 4 chunks
+    frames, stats = render_with(gen, audio)
+    assert frames.shape == (32, 32, 48, 3) and frames.dtype.name == "uint8"
+    assert stats["fps"] == 16 and stats["chunks"] == 4 and stats["computed_steps"] == 4 * 3
+    per_chunk = 16000 * 8 // 16
+    for c, kw in enumerate(pipe.calls):
+        assert kw["num_frames"] == 9 and kw["num_inference_steps"] == 3 and kw["audio_sample_rate"] == 16000
+        assert kw["input_audio"][0] == c * per_chunk and len(kw["input_audio"]) == per_chunk
+        assert kw["input_image"].size == (48, 32)
+    assert pipe.calls[0]["motion_video"] is None
+    for kw in pipe.calls[1:]:  # the last motion_frames frames generated so far
+        assert kw["motion_video"].shape == (1, 3, 6, 32, 48)
+    first = torch.linspace(-1, 1, 9)[-8:][3:]  # chunk 0 without its first 3 frames: 5, padded to 6
+    assert torch.allclose(pipe.calls[1]["motion_video"][0, 0, :, 0, 0], torch.cat([first[:1], first]))
+    assert torch.allclose(pipe.calls[2]["motion_video"][0, 0, :, 0, 0], torch.linspace(-1, 1, 9)[-6:])
+    assert frames[0, 0, 0, 0] == 32 and frames[7, 0, 0, 0] == 255  # [-1, 1] -> [0, 255]: -0.75 -> 32
+    short = torch.zeros(16000 // 4).numpy()  # 0.25 s: one chunk, its audio padded with zeros
+    gen.reset()
+    frames, _ = render_with(gen, short)
+    assert frames.shape[0] == 4 and len(pipe.calls[-1]["input_audio"]) == per_chunk
+
+
+def test_wan_generator_with_synccache_on_the_real_model(dit, code):
+    """The backend applies SyncCache to the pipeline and removes it on close."""
+    from PIL import Image
+
+    from engine.generator import render_with
+    from engine.wan_s2v import WanS2VGenerator
+    pipe = _RecordingPipeline(dit, _fn(code))
+    fn = pipe.model_fn
+    gen = WanS2VGenerator(pipe, Image.new("RGB", (8, 8)), steps=STEPS, infer_frames=4, height=8, width=8,
+                          cache=SyncCacheConfig(schedule=_schedule(spans=3)))
+    assert isinstance(pipe.model_fn, wan_s2v.WanS2VStep)
+    _, stats = render_with(gen, torch.zeros(16000 // 2).numpy())  # 8 frames: 2 chunks
+    assert stats["reused_steps"] > 0 and stats["computed_steps"] + stats["reused_steps"] == 2 * 2 * STEPS
+    assert pipe.model_fn is fn
+
+
+def test_render_wan_errors_are_one_line(code, tmp_path, capsys):
+    wav = tmp_path / "a.wav"
+    from engine.media import save_wav
+    import numpy as np
+    save_wav(wav, np.zeros(1600, np.float32))
+    rc, io = _run_cli(["render", "--wan-s2v", str(tmp_path / "none"), "--audio", str(wav), "--out",
+                       str(tmp_path / "o.mp4")], capsys)
+    assert rc == 2 and "does not exist" in io.err and len(io.err.strip().splitlines()) == 1
+    rc, io = _run_cli(["render", "--wan-s2v", str(tmp_path), "--audio", str(wav), "--out", str(tmp_path / "o.mp4"),
+                       "--cache", "teacache"], capsys)
+    assert rc == 2 and "not available on Wan2.2-S2V" in io.err
