@@ -67,6 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synccache.layout import BlockLayout, LayoutError
+from synccache.wan_s2v import injection_order
 
 WAN_S2V_DEPTH = 40
 WAN_S2V_INJECT = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)  # wan_s2v_14B.py audio_inject_layers
@@ -478,10 +479,7 @@ def wan_s2v_layout(model: nn.Module, background: float = BACKGROUND,
         if not hasattr(model, name):
             raise LayoutError(f"{type(model).__name__} has no .{name}; not a Wan-S2V-like model")
     inj = model.audio_injector
-    order = sorted(inj.injected_block_id.items(), key=lambda kv: kv[1])
-    if [j for _, j in order] != list(range(len(inj.injector))):
-        raise LayoutError(f"injected_block_id {inj.injected_block_id} does not number "
-                          f"the {len(inj.injector)} injectors 0..{len(inj.injector) - 1}")
+    order = injection_order(inj)
     patch = model.patch_size
 
     def human_weight(args, kwargs):

@@ -91,6 +91,16 @@ def _check_mask(mask):
     return mask.detach().cpu()
 
 
+def injection_order(injector) -> list:
+    """[(block, injector index)] of a Wan-S2V audio injector, in injector order; LayoutError if its
+    injected_block_id does not number the injectors 0..n-1."""
+    order = sorted(injector.injected_block_id.items(), key=lambda kv: kv[1])
+    if [j for _, j in order] != list(range(len(injector.injector))):
+        raise LayoutError(f"injected_block_id {injector.injected_block_id} does not number "
+                          f"the {len(injector.injector)} injectors 0..{len(injector.injector) - 1}")
+    return order
+
+
 def layout(dit: nn.Module, person_mask: Optional[torch.Tensor] = None,
            background: float = BACKGROUND) -> BlockLayout:
     """BlockLayout of a diffsynth WanS2VModel (by duck typing: .blocks, .audio_injector, .patch_size).
@@ -103,10 +113,7 @@ def layout(dit: nn.Module, person_mask: Optional[torch.Tensor] = None,
         if not hasattr(dit, name):
             raise LayoutError(f"{type(dit).__name__} has no .{name}; not a diffsynth WanS2VModel")
     inj = dit.audio_injector
-    order = sorted(inj.injected_block_id.items(), key=lambda kv: kv[1])
-    if [j for _, j in order] != list(range(len(inj.injector))):
-        raise LayoutError(f"injected_block_id {inj.injected_block_id} does not number "
-                          f"the {len(inj.injector)} injectors 0..{len(inj.injector) - 1}")
+    order = injection_order(inj)
     mask = _check_mask(person_mask)
     _, ph, pw = dit.patch_size
 
