@@ -12,13 +12,13 @@ import time
 import numpy as np
 
 from engine.media import load_audio, write_mp4
-from streaming.engine import Engine
+from streaming.worker import GenerationWorker
 from streaming.session import Session
-from syncavatar.config import load_config
+from engine.config import load_config
 
 
 async def main(wav: str, out: str, avatar: str = "0") -> dict:
-    engine = Engine(load_config())  # starts the generation worker process (model load, warm-up)
+    engine = GenerationWorker(load_config())  # starts the generation worker process (model load, warm-up)
     session = Session(engine, avatar)
     pcm = (load_audio(wav, 48000) * 32767).astype(np.int16)  # like a 48 kHz microphone
 

@@ -786,7 +786,7 @@ def run_soak(server: str, minutes: float, sessions: int = 1, thresholds=None, js
     """Synchronous soak_async; writes the report JSON and the plot when asked. `thresholds`: the config's
     SoakConfig (or a dict of its fields); default: configs/default.toml's."""
     if thresholds is None:
-        from syncavatar.config import load_config
+        from engine.config import load_config
         thresholds = load_config().soak
     thresholds = asdict(thresholds) if is_dataclass(thresholds) else dict(thresholds)
     for path in (json_path, plot):

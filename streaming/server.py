@@ -43,11 +43,11 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 from aiortc.mediastreams import MediaStreamError
 
 from engine.data.portraits import canonical_avatar
-from streaming.engine import Engine
+from streaming.worker import GenerationWorker
 from streaming.procstats import ProcessStats
 from streaming.session import FRAME_SAMPLES, Session
 from streaming.telemetry import Telemetry
-from syncavatar.config import Config
+from engine.config import Config
 
 log = logging.getLogger("syncavatar.serve")
 WEB_DIR = Path(__file__).resolve().parents[1] / "clients" / "web"
@@ -180,7 +180,7 @@ class Connection:
 class AvatarServer:
     """The HTTP endpoints; owns the engine, the telemetry publisher and the connections."""
 
-    def __init__(self, config: Config, engine: Engine, telemetry: Telemetry):
+    def __init__(self, config: Config, engine: GenerationWorker, telemetry: Telemetry):
         self.config, self.engine, self.telemetry = config, engine, telemetry
         self.connections: dict[str, Connection] = {}
         self.ended: collections.deque = collections.deque(maxlen=256)  # recently ended ids: DELETE is idempotent
@@ -483,7 +483,7 @@ def serve(config: Config) -> None:
     use_audio_jitter_frames(s.audio_jitter_frames)
     telemetry = Telemetry(s.telemetry or None)
     log.info("loading the model and starting the generation worker ...")
-    engine = Engine(config)
+    engine = GenerationWorker(config)
     engine.idle_loop(config.engine.avatar)
     log.info("idle loop of avatar %s ready; chunk generation %s ms per cache level, in %s", config.engine.avatar,
              [round(ms, 1) for ms in engine.gen_ms], engine.precision)

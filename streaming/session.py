@@ -34,7 +34,7 @@ from engine.data.portraits import canonical_avatar
 from engine.generator import load_avatar
 from engine.model.audio_encoder import MARGIN_FRAMES
 from streaming.audio_in import FRAME_SAMPLES, SAMPLE_RATE, AudioInput
-from streaming.engine import Engine, Job
+from streaming.worker import GenerationWorker, Job
 from streaming.policy import FRAME_S, SKIP, Backpressure, Chunker, ChunkRecord, Decision, frame_kind
 from streaming.procstats import ProcessStats
 from streaming.telemetry import Telemetry
@@ -84,11 +84,11 @@ class LoopMonitor:
 class Session:
     """A live avatar session; see the module docstring. push_audio / frames / close from one event loop.
 
-    clock: monotonic seconds. The real Engine predicts and times chunks on time.monotonic, so only a fake
+    clock: monotonic seconds. The real GenerationWorker predicts and times chunks on time.monotonic, so only a fake
     engine goes with another clock (tests that simulate time).
     """
 
-    def __init__(self, engine: Engine, avatar: str = "0", session_id: str | None = None,
+    def __init__(self, engine: GenerationWorker, avatar: str = "0", session_id: str | None = None,
                  telemetry: Telemetry | None = None, clock: Callable[[], float] = time.monotonic):
         self.engine, self.avatar = engine, canonical_avatar(avatar)  # ValueError for an unknown avatar
         self.id = session_id or uuid.uuid4().hex[:12]

@@ -20,7 +20,7 @@ class UserError(Exception):
 
 
 def _config(a):
-    from syncavatar.config import DEFAULT_CONFIG, ConfigError, load_config
+    from engine.config import DEFAULT_CONFIG, ConfigError, load_config
     try:
         return load_config(a.config or DEFAULT_CONFIG)
     except ConfigError as e:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from engine.media import load_audio
-from streaming.engine import Engine
+from streaming.worker import GenerationWorker
 from streaming.session import Session
 from streaming.telemetry import Telemetry
-from syncavatar.config import load_config
+from engine.config import load_config
 
 
 def _speech(tmp_path, name, text, voice):
@@ -51,7 +51,7 @@ def _cases(tmp_path):
 
 def test_bad_audio_keeps_25_fps_and_raises_nothing(tmp_path):
     cases = _cases(tmp_path)
-    engine = Engine(load_config())
+    engine = GenerationWorker(load_config())
 
     async def run():
         msgs = []

@@ -8,10 +8,10 @@ import pytest
 
 from engine.media import load_audio
 from streaming.audio_in import AudioInput
-from streaming.engine import IdleLoop, ping_pong
+from streaming.worker import IdleLoop, ping_pong
 from streaming.session import Session
 from streaming.telemetry import Telemetry, messages
-from syncavatar.config import load_config
+from engine.config import load_config
 
 
 def test_audio_input_resamples_downmixes_and_flags_speech(speech_wav):
@@ -88,7 +88,7 @@ def test_telemetry_pub_sub_and_listeners():
 
 # ------------------------------------------------------------------------------- fake engine
 class FakeEngine:
-    """Duck-typed Engine: generates gray frames after gen_ms on a thread; no model."""
+    """Duck-typed GenerationWorker: generates gray frames after gen_ms on a thread; no model."""
 
     def __init__(self, gen_ms):
         from engine.model.dit import DiTConfig
@@ -196,7 +196,7 @@ class SimClock:
 
 class SimEngine(FakeEngine):
     """FakeEngine on a simulated clock: one worker, first come first served, gen_ms(level, t) per chunk; its
-    predictions are exact, like a well-calibrated Engine."""
+    predictions are exact, like a well-calibrated GenerationWorker."""
 
     def __init__(self, clock, gen_ms):
         super().__init__({})
@@ -395,7 +395,7 @@ def test_auto_precision_keeps_the_faster():
     whichever it is on this CPU."""
     from types import SimpleNamespace
 
-    from streaming.engine import _pick_precision
+    from streaming.worker import _pick_precision
 
     class Stub:
         def __init__(self, bf16_ms, fp32_ms):

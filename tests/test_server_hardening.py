@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import http_json as _http
 from streaming import server as srv
 from streaming.telemetry import Telemetry
-from syncavatar.config import Config
+from engine.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 # An offer the SDP check accepts (one audio, one video m-line) that aiortc cannot use: in process the

@@ -14,7 +14,7 @@ from aiohttp import web
 from clients import client as C
 from clients import soak as S
 from syncavatar.cli import main
-from syncavatar.config import SoakConfig
+from engine.config import SoakConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"latency_p95_growth_pct": 10.0, "av_drift_ms": 40.0, "rss_growth_pct": 5.0, "threads_growth": 8,

@@ -1,4 +1,8 @@
-"""The live engine: one generation worker process shared by all sessions, and idle loops per avatar.
+"""The generation worker: one process shared by all sessions, and idle loops per avatar.
+
+`GenerationWorker` (in the server process) owns the worker process and talks to it in typed messages
+over two queues: ChunkRequest / IdleRequest / EndSession / ForgetIdle in, Ready / StartFailed /
+ChunkDone / IdleDone out (None stops either side).
 
 Generation runs in its own process, not a thread of the server: the event loop then never waits on the
 GIL, and torch on this CPU is ~1.7x slower from a secondary thread than from a process's main thread
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from syncavatar.config import Config
+from engine.config import Config
 
 SAMPLES_PER_FRAME = 640
 
@@ -54,6 +58,57 @@ class Job:
     done: callable
 
 
+# --- messages between the server and the worker process ----------------------------------------------
+@dataclass
+class ChunkRequest:
+    job: int
+    session: str
+    avatar: str
+    window: np.ndarray  # float32 16 kHz audio with look-back / look-ahead context
+    level: int  # cache level
+    idle_motion: int | None
+
+
+@dataclass
+class IdleRequest:
+    avatar: str
+
+
+@dataclass
+class EndSession:
+    session: str
+
+
+@dataclass
+class ForgetIdle:
+    avatar: str  # an idle loop the server dropped from its cache
+
+
+@dataclass
+class Ready:
+    gen_ms: list  # per cache level, measured at start-up
+    precision: str  # "bf16" or "fp32"
+
+
+@dataclass
+class StartFailed:
+    error: str
+
+
+@dataclass
+class ChunkDone:
+    job: int
+    frames: np.ndarray | None  # None: the chunk failed (info["error"])
+    info: dict
+
+
+@dataclass
+class IdleDone:
+    avatar: str
+    frames: np.ndarray | None
+    error: str | None
+
+
 def _model_config(config: Config):
     """The DiT config from the weights' metadata (no model load in the server process)."""
     import json
@@ -70,7 +125,7 @@ def _model_config(config: Config):
     return DiTConfig(**_tuples(json.loads(meta["dit"]))) if "dit" in meta else DiTConfig()
 
 
-class Engine:
+class GenerationWorker:
     """Shared generation worker. `submit(job)` from any thread; `idle_loop_async(avatar)` is cached."""
 
     def __init__(self, config: Config, ready_timeout_s: float = 120):
@@ -91,10 +146,10 @@ class Engine:
                                  name="syncavatar-generate")
         self._proc.start()
         msg = self._out.get(timeout=ready_timeout_s)
-        if msg[0] != "ready":
-            raise RuntimeError(f"generation worker failed to start: {msg[1]}")
-        self.gen_ms = list(msg[1])  # measured at start-up, then a running mean of live chunks
-        self.precision = msg[2]  # what the worker generates in: "bf16" or "fp32" (auto: the faster here)
+        if not isinstance(msg, Ready):
+            raise RuntimeError(f"generation worker failed to start: {getattr(msg, 'error', msg)}")
+        self.gen_ms = list(msg.gen_ms)  # measured at start-up, then a running mean of live chunks
+        self.precision = msg.precision  # what the worker generates in: "bf16" or "fp32" (auto: the faster here)
         self.closed = False
         self._reader = threading.Thread(target=self._read, name="syncavatar-results", daemon=True)
         self._reader.start()
@@ -107,7 +162,7 @@ class Engine:
             self._jobs[jid] = job
             self.pending += 1
             self._free_at = max(time.monotonic(), self._free_at) + self.estimate_ms(job.level) / 1000
-        self._in.put(("chunk", jid, job.session, job.avatar, job.window, job.level, job.idle_motion))
+        self._in.put(ChunkRequest(jid, job.session, job.avatar, job.window, job.level, job.idle_motion))
 
     def predict_finish(self, level: int, now: float) -> float:
         """When a chunk submitted now at this cache level would be ready (monotonic seconds)."""
@@ -117,7 +172,7 @@ class Engine:
     def end_session(self, session: str) -> None:
         """Free the worker's state (motion latents, noise) of a session."""
         if not self.closed:
-            self._in.put(("end", session))
+            self._in.put(EndSession(session))
 
     def worker_pids(self) -> list[int]:
         return [self._proc.pid] if self._proc.is_alive() else []
@@ -140,7 +195,7 @@ class Engine:
                 first = avatar not in self._idle_wait
                 self._idle_wait.setdefault(avatar, []).append(wake)
             if first:
-                self._in.put(("idle", avatar))
+                self._in.put(IdleRequest(avatar))
             if not ev.wait(timeout_s) or made[0] is None:
                 raise RuntimeError(f"could not make the idle loop of avatar {avatar}")
             loop = made[0]
@@ -171,7 +226,7 @@ class Engine:
             if old is None or old == avatar:
                 break
             del self._idle[old]
-            self._in.put(("forget", old))
+            self._in.put(ForgetIdle(old))
 
     def _read(self):
         while True:
@@ -181,26 +236,23 @@ class Engine:
                 return
             if msg is None:
                 return
-            kind = msg[0]
-            if kind == "chunk":
-                _, jid, frames, info = msg
-                if frames is not None:
-                    lvl, ms = info["level"], info["gen_ms"]
+            if isinstance(msg, ChunkDone):
+                if msg.frames is not None:
+                    lvl, ms = msg.info["level"], msg.info["gen_ms"]
                     prev = self.gen_ms[lvl]
                     self.gen_ms[lvl] = ms if prev is None else 0.8 * prev + 0.2 * ms
                 with self._lock:
-                    job = self._jobs.pop(jid)
+                    job = self._jobs.pop(msg.job)
                     self.pending -= 1
                     # re-predict from what is still queued (the oldest of them is running now)
                     self._free_at = time.monotonic() + sum(self.estimate_ms(j.level) for j in self._jobs.values()) / 1000
-                job.done(frames, info)
-            elif kind == "idle":
-                _, avatar, frames, err = msg
-                loop = None if frames is None else IdleLoop(frames)
+                job.done(msg.frames, msg.info)
+            elif isinstance(msg, IdleDone):
+                loop = None if msg.frames is None else IdleLoop(msg.frames)
                 if loop is not None:
-                    self._keep_idle_loop(avatar, loop)
+                    self._keep_idle_loop(msg.avatar, loop)
                 with self._lock:
-                    waiters = self._idle_wait.pop(avatar, [])
+                    waiters = self._idle_wait.pop(msg.avatar, [])
                 for fn in waiters:
                     fn(loop)
 
@@ -350,9 +402,9 @@ def _worker_main(config: Config, inq, outq):
                                            for _ in range(3)])))
         w.gens.pop("warmup", None)
     except Exception as e:
-        outq.put(("error", f"{type(e).__name__}: {e}"))
+        outq.put(StartFailed(f"{type(e).__name__}: {e}"))
         return
-    outq.put(("ready", gen_ms, "bf16" if w.bf16 else "fp32"))
+    outq.put(Ready(gen_ms, "bf16" if w.bf16 else "fp32"))
     parent = mp.parent_process()
     while True:
         try:
@@ -363,24 +415,22 @@ def _worker_main(config: Config, inq, outq):
             continue
         if msg is None:
             return
-        kind = msg[0]
-        if kind == "chunk":
-            _, jid, session, avatar, window, level, idle_motion = msg
+        if isinstance(msg, ChunkRequest):
             try:
-                frames, info = w.chunk(session, avatar, window, level, idle_motion)
+                frames, info = w.chunk(msg.session, msg.avatar, msg.window, msg.level, msg.idle_motion)
             except Exception as e:  # one bad chunk must not kill the worker: the session shows idle
                 import traceback
                 traceback.print_exc()
-                frames, info = None, {"error": f"{type(e).__name__}: {e}", "level": level}
-            outq.put(("chunk", jid, frames, info))
-        elif kind == "idle":
+                frames, info = None, {"error": f"{type(e).__name__}: {e}", "level": msg.level}
+            outq.put(ChunkDone(msg.job, frames, info))
+        elif isinstance(msg, IdleRequest):
             try:
-                outq.put(("idle", msg[1], w.idle(msg[1]), None))
+                outq.put(IdleDone(msg.avatar, w.idle(msg.avatar), None))
             except Exception as e:
                 import traceback
                 traceback.print_exc()
-                outq.put(("idle", msg[1], None, f"{type(e).__name__}: {e}"))
-        elif kind == "end":
-            w.gens.pop(msg[1], None)
-        elif kind == "forget":  # an idle loop the server dropped from its cache
-            w.idle_latents.pop(msg[1], None)
+                outq.put(IdleDone(msg.avatar, None, f"{type(e).__name__}: {e}"))
+        elif isinstance(msg, EndSession):
+            w.gens.pop(msg.session, None)
+        elif isinstance(msg, ForgetIdle):
+            w.idle_latents.pop(msg.avatar, None)
