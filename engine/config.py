@@ -54,6 +54,8 @@ class LiveConfig:
     recover_chunks: int = 8  # on-time chunks before the policy steps back down
     safety_ms: int = 20  # a chunk predicted to finish later than its deadline minus this is "behind"
     worker_threads: int = 1  # torch threads of the generation worker; 0 = torch's default (all cores)
+    max_batch: int = 4  # chunks of different sessions the worker denoises together in one batch (1 = off)
+    batch_wait_ms: int = 30  # how long the worker waits for other active sessions' chunks to join a batch
     transport_ms: int = 140  # network + jitter buffers, for the latency estimate only (loopback: ~130 ms)
 
 
@@ -65,7 +67,8 @@ class ServerConfig:
     telemetry: str = "tcp://127.0.0.1:5556"  # ZMQ PUB address; "" = off
     ice_servers: list = field(default_factory=list)  # e.g. ["stun:stun.example.org:3478"]
     host_candidates: list = field(default_factory=list)  # [] = discover; ["127.0.0.1"] = loopback only
-    max_sessions: int = 1
+    max_sessions: int = 4  # hard cap; below it, sessions are admitted by the worker's measured capacity
+    admit_by_capacity: bool = True  # 503 when the worker cannot generate one more session's chunks on time
     audio_jitter_frames: int = 1  # received audio packets aiortc buffers before decoding (its own default: 4)
     connect_timeout_s: float = 30.0  # a session whose peer has not connected by then is closed
     max_sessions_per_client: int = 1  # sessions one client address may hold at once

@@ -120,20 +120,65 @@ class ChunkGenerator:
     @torch.no_grad()
     def chunk(self, audio, start_frame):
         """Generate frames [start_frame, start_frame + W) -> uint8 [W, 128, 128, 3]."""
-        cfg, model = self.cfg, self.model
-        cond = model.dit.prepare(self.ref_latent, self.motion, self.audio_tokens(audio, start_frame),
-                                 self.face_mask, self.person_mask, null_audio=self.guidance != 1.0)
+        if self.cache is not None and self.chunks > 0:  # residuals belong to one chunk (stream: banked)
+            self.cache.reset(keep_stats=True, next_chunk=True)
+        inputs = self.inputs(audio, start_frame)
+        cond = self.model.dit.prepare(*inputs[:-1], null_audio=self.guidance != 1.0)
+        z = sample(self.model.dit, cond, inputs[-1], self.steps, self.shift, timer=self.timer,
+                   guidance=self.guidance)
+        return self.finish(z)
+
+    def inputs(self, audio, start_frame, tokens=True):
+        """What one chunk's sampling needs, batch 1: (ref_latent, motion, audio tokens, face mask, person
+        mask, start noise), or with tokens=False the audio window [1, S] in place of its tokens; draws the
+        chunk's noise from this generator's stream."""
+        cfg = self.cfg
         shape = (1, cfg.frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         if self.noise is None or not self.fixed_noise:
             self.noise = torch.randn(shape, generator=self.rng) * self.noise_scale
-        if self.cache is not None and self.chunks > 0:  # residuals belong to one chunk (stream: banked)
-            self.cache.reset(keep_stats=True, next_chunk=True)
         self.chunks += 1
-        noise = self.noise
-        z = sample(model.dit, cond, noise, self.steps, self.shift, timer=self.timer, guidance=self.guidance)
-        self.motion = z[:, -cfg.motion_frames:]
+        audio_in = self.audio_tokens(audio, start_frame) if tokens else \
+            audio_window(audio, start_frame - cfg.lookback, cfg.audio_frames)[None]
+        return self.ref_latent, self.motion, audio_in, self.face_mask, self.person_mask, self.noise
+
+    def finish(self, z, decode=True):
+        """The sampled chunk latent [1, W, C, h, w] -> frames (None without decode); carries its motion
+        into the next chunk."""
+        self.motion = z[:, -self.cfg.motion_frames:]
         self.last_latents = z  # [1, W, C, h, w]: the live engine keeps idle-loop latents
-        return model.ae.to_uint8(model.ae.decode(z[0], self.ref_feats))
+        if decode:
+            return self.model.ae.to_uint8(self.model.ae.decode(z[0], self.ref_feats))
+        return None
+
+
+@torch.no_grad()
+def chunk_batch(gens: list, windows: list, starts: list, timer: dict | None = None) -> list:
+    """One chunk of each of several sessions, denoised together in one batch -> [frames per session].
+
+    Each generator keeps its own motion latents and noise stream; the batch follows one sampling plan, so
+    a cache that decides per step (SyncCache's offline schedule, attached to the shared DiT by the
+    caller) treats every session alike and each session gets what it would get alone (up to float
+    rounding). The generators must share the model and sampling settings and have no cache of their own.
+    """
+    first = gens[0]
+    for g in gens:
+        if g.model is not first.model or (g.steps, g.shift, g.guidance) != (first.steps, first.shift, first.guidance):
+            raise ValueError("chunk_batch: generators must share the model, steps, shift and guidance")
+        if g.cache is not None:
+            raise ValueError("chunk_batch: attach the cache to the shared DiT, not to a generator")
+    model, w = first.model, first.cfg.frames
+    parts = [g.inputs(a, s, tokens=False) for g, a, s in zip(gens, windows, starts)]
+    ref, motion, audio, face, person, noise = (torch.cat(p) for p in zip(*parts))
+    cond = model.dit.prepare(ref, motion, model.audio(audio), face, person, null_audio=first.guidance != 1.0)
+    z = sample(model.dit, cond, noise, first.steps, first.shift, timer=timer, guidance=first.guidance)
+    for i, g in enumerate(gens):
+        g.finish(z[i:i + 1], decode=False)
+    # one decoder pass for every frame of every session, each frame with its own portrait's features
+    feats = [torch.cat([g.ref_feats[0][k] for g in gens]).repeat_interleave(w, 0)
+             for k in range(len(first.ref_feats[0]))]
+    image = torch.cat([g.ref_feats[1] for g in gens]).repeat_interleave(w, 0)
+    frames = model.ae.to_uint8(model.ae.decode(z.flatten(0, 1), (feats, image)))
+    return [frames[i * w:(i + 1) * w] for i in range(len(gens))]
 
 
 def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=False, cache=None,

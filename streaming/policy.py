@@ -147,6 +147,7 @@ class ChunkRecord:
     gen_ms: float | None = None
     computed_steps: int | None = None
     reused_steps: int | None = None
+    batch: int | None = None  # chunks of sessions denoised together with it (1: alone)
     error: str | None = None
     send_ms: float | None = None  # its first frame went out
     late_frames: int | None = None  # its frames shown as idle because generation missed them

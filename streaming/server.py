@@ -5,7 +5,7 @@
                            (or WHIP-style: Content-Type application/sdp, ?avatar=N -> 201, the answer SDP,
                            Location /sessions/{id})
     DELETE /sessions/{id}  end a session (idempotent)
-    GET  /healthz          {status, sessions, pending_chunks, gen_ms}
+    GET  /healthz          {status, sessions, pending_chunks, gen_ms, batch_ms, capacity_chunks_per_s, ...}
     GET  /ice-servers      {iceServers}: the config's STUN/TURN servers, for the page
 
 Per connection: the mic track's frames go to session.push_audio; one pump task reads session.frames()
@@ -43,9 +43,10 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 from aiortc.mediastreams import MediaStreamError
 
 from engine.data.portraits import canonical_avatar
-from streaming.worker import GenerationWorker
+from streaming.worker import HEADROOM, GenerationWorker
 from streaming.procstats import ProcessStats
 from streaming.session import FRAME_SAMPLES, Session
+from engine.model.audio_encoder import FPS
 from streaming.telemetry import Telemetry
 from engine.config import Config
 
@@ -191,6 +192,30 @@ class AvatarServer:
         self.origins = {o.rstrip("/").lower() for o in s.allowed_origins}
         self.loopback_bind = _is_loopback(s.host)
 
+    def slack_ms(self) -> float:
+        """ms a chunk may take from its audio (with the look-ahead it waits for) having arrived to being
+        ready: the playout delay less the chunk, that look-ahead and the policy's safety margin."""
+        live, cfg = self.config.live, self.engine.cfg
+        return live.playout_delay_ms - (cfg.frames + min(live.lookahead_wait, cfg.lookahead)) * 1000 / FPS \
+            - live.safety_ms
+
+    def at_capacity(self) -> str | None:
+        """Why one more session would not get its chunks on time, or None. The worker's measured batch
+        times (GenerationWorker.sessions_supported) decide: a round of one chunk per speaking session must
+        fit one chunk period and the slack the playout delay leaves after a chunk's audio has arrived.
+        One session is always admitted (on a CPU slower than real time it degrades, as before)."""
+        if not self.config.server.admit_by_capacity or not self.connections:
+            return None
+        live, n = self.config.live, len(self.connections)
+        frames = self.engine.cfg.frames
+        slack_ms = self.slack_ms()
+        fits, level, ms = self.engine.sessions_supported(slack_ms)
+        if n + 1 <= fits:
+            return None
+        more = self.engine.batch_estimate_ms(len(self.engine.batch_ms) - 1, n + 1)
+        may = min(HEADROOM * frames * 1000 / FPS, slack_ms - live.batch_wait_ms)
+        return f"at capacity: {fits} speaking session(s) fit; {n + 1} chunks take {more:.0f} ms, a chunk may take {may:.0f} ms"
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self.guard])
         app.router.add_get("/", self.index)
@@ -246,6 +271,8 @@ class AvatarServer:
         return web.json_response({"status": "ok", "sessions": len(self.connections),
                                   "pending_chunks": self.engine.pending,
                                   "gen_ms": [None if g is None else round(g, 1) for g in self.engine.gen_ms],
+                                  "batch_ms": [[round(ms, 1) for ms in b] for b in self.engine.batch_ms],
+                                  "sessions_supported": self.engine.sessions_supported(self.slack_ms())[0],
                                   "process": self.procstats.read(), "tasks": len(asyncio.all_tasks()),
                                   "idle_loops": self.engine.idle_loops_cached()})
 
@@ -300,6 +327,9 @@ class AvatarServer:
         if len(self.connections) >= s.max_sessions:
             return _error(503, f"server full: {s.max_sessions} sessions already running",
                           {"Retry-After": str(RETRY_AFTER_S)})
+        full = self.at_capacity()
+        if full:
+            return _error(503, full, {"Retry-After": str(RETRY_AFTER_S)})
         client = request.remote or "?"
         if sum(c.client == client for c in self.connections.values()) >= s.max_sessions_per_client:
             return _error(429, f"this client already holds {s.max_sessions_per_client} session(s)",
@@ -487,6 +517,8 @@ def serve(config: Config) -> None:
     engine.idle_loop(config.engine.avatar)
     log.info("idle loop of avatar %s ready; chunk generation %s ms per cache level, in %s", config.engine.avatar,
              [round(ms, 1) for ms in engine.gen_ms], engine.precision)
+    log.info("batches of 1..%d chunks: %s ms per cache level", len(engine.batch_ms[0]),
+             [[round(ms) for ms in b] for b in engine.batch_ms])
     server = AvatarServer(config, engine, telemetry)
     try:
         web.run_app(server.app(), host=s.host, port=s.port, print=lambda m: log.info(

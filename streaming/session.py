@@ -103,7 +103,8 @@ class Session:
                                live.hangover_ms, self.delay_s)
         self.policy = Backpressure(live.recover_chunks, live.safety_ms / 1000)
         self.clock = clock
-        self.t0 = clock()
+        align = getattr(engine, "aligned_start", None)  # share the worker's chunk grid (batching)
+        self.t0 = align(clock()) if align is not None else clock()
         self.closed = False
         self._lock = threading.Lock()  # ready frames and chunk records are written by the worker thread
         self.ready: dict[int, np.ndarray] = {}  # frame index -> rgb
@@ -183,7 +184,7 @@ class Session:
                 reason = "input arrived after the deadline" if kind == "late" else None
                 self._idle_chunk(ChunkRecord(c, kind, self.policy.level, reason, **times))
                 continue
-            finish = [self.engine.predict_finish(level, now) for level in (0, 1)]
+            finish = [self.engine.predict_finish(level, now, self.id) for level in (0, 1)]
             level, decision = self.policy.choose(c, self.t0 + ch.deadline_s(c), finish, self.engine.pending == 0)
             if decision is not None:
                 self._publish_decision(decision)
@@ -226,6 +227,8 @@ class Session:
                     rec.gen_end_ms = round(self.clock_ms(info["gen_end"]), 1)
                     rec.gen_ms = round((info["gen_end"] - info["gen_start"]) * 1000, 1)
                     rec.computed_steps, rec.reused_steps = info["computed_steps"], info["reused_steps"]
+                    rec.batch = info.get("batch", 1)
+                    rec.level = info.get("level", rec.level)  # a batch runs at the highest level in it
                 for k, rgb in enumerate(frames):
                     i = c * self.W + k
                     if i >= self.play_index:

@@ -86,7 +86,7 @@ TABLE = {
     "session": ["event", "avatar"],
 }
 # the schema's fields that the live table leaves out (the CSV has them all)
-CSV_MORE = ["deadline_ms", "send_ms", "ready_frames", "dropped_late", "gap_fill_ms", "level", "jobs_in_flight",
+CSV_MORE = ["batch", "deadline_ms", "send_ms", "ready_frames", "dropped_late", "gap_fill_ms", "level", "jobs_in_flight",
             "level_name", "playout_delay_ms", "cache", "frames_out", "speech_frames", "idle_frames", "samples_in",
             "pushes", "errors"]
 

@@ -28,6 +28,11 @@ import numpy as np
 from engine.config import Config
 
 SAMPLES_PER_FRAME = 640
+ACTIVE_S = 0.4  # a session that sent a chunk this recently is expected to send the next soon
+# a round of chunks may fill at most this share of a chunk period: two sessions forced in, whose batch of two
+# took 86-97% of the period (137-155 ms per 160), had 37% and 22% of their chunks skipped
+# (docs/live/two_sessions_480.json): WebRTC, the clients and jitter need the rest of these 2 cores
+HEADROOM = 0.85
 
 
 def ping_pong(i: int, n: int) -> int:
@@ -88,6 +93,7 @@ class ForgetIdle:
 class Ready:
     gen_ms: list  # per cache level, measured at start-up
     precision: str  # "bf16" or "fp32"
+    batch_ms: list  # per cache level, ms of one batch of B = 1..max_batch chunks (None: not batchable)
 
 
 @dataclass
@@ -133,7 +139,8 @@ class GenerationWorker:
         self.cfg = _model_config(config)
         self.level_names = [config.live.cache, config.live.boost_cache]
         self.pending = 0  # chunks queued or generating, all sessions
-        self._free_at = 0.0  # predicted monotonic time the worker has finished every queued chunk
+        self._grid0 = None  # monotonic time of the shared chunk grid's origin (aligned_start)
+        self._speaking = {}  # session -> last time it asked when a speech chunk would be ready
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
         self._next_id = 0
@@ -150,6 +157,8 @@ class GenerationWorker:
             raise RuntimeError(f"generation worker failed to start: {getattr(msg, 'error', msg)}")
         self.gen_ms = list(msg.gen_ms)  # measured at start-up, then a running mean of live chunks
         self.precision = msg.precision  # what the worker generates in: "bf16" or "fp32" (auto: the faster here)
+        # per level, ms of a batch of B chunks (index B - 1), measured at start-up then a running mean
+        self.batch_ms = [list(b) if b else [self.gen_ms[lvl]] for lvl, b in enumerate(msg.batch_ms)]
         self.closed = False
         self._reader = threading.Thread(target=self._read, name="syncavatar-results", daemon=True)
         self._reader.start()
@@ -161,16 +170,77 @@ class GenerationWorker:
             self._next_id += 1
             self._jobs[jid] = job
             self.pending += 1
-            self._free_at = max(time.monotonic(), self._free_at) + self.estimate_ms(job.level) / 1000
         self._in.put(ChunkRequest(jid, job.session, job.avatar, job.window, job.level, job.idle_motion))
 
-    def predict_finish(self, level: int, now: float) -> float:
-        """When a chunk submitted now at this cache level would be ready (monotonic seconds)."""
+    def aligned_start(self, now: float) -> float:
+        """A new session's clock zero: the latest point of the shared chunk grid at or before `now`, so
+        that every session's chunks fall due together and the worker can denoise them as one batch (the
+        session starts with up to one chunk of silence it never heard)."""
+        period = self.cfg.frames * SAMPLES_PER_FRAME / 16000
         with self._lock:
-            return max(now, self._free_at) + self.estimate_ms(level) / 1000
+            if self._grid0 is None:
+                self._grid0 = now
+            return now - (now - self._grid0) % period
+
+    def predict_finish(self, level: int, now: float, session: str | None = None) -> float:
+        """When a chunk of `session` submitted now at this cache level would be ready (monotonic seconds).
+
+        The worker runs rounds of batches with one chunk per session: the chunk waits for as many rounds
+        as its session has chunks pending, each round costing the batch time of the sessions in it. Every
+        session that is speaking now (asked for a prediction within ACTIVE_S) counts in this round even
+        before its chunk arrives: the worker waits for it (gather), so every session predicts the same
+        round and all take the same decision, none starving because it asked second."""
+        with self._lock:
+            per = collections.Counter(j.session for j in self._jobs.values())
+            if session is not None:
+                self._speaking[session] = now
+            for other, t in list(self._speaking.items()):
+                if now - t > ACTIVE_S:
+                    del self._speaking[other]
+                elif other != session and other not in per:
+                    per[other] = 1
+        per[session] += 1
+        return now + self.rounds_ms(level, per) / 1000
+
+    def rounds_ms(self, level: int, per_session: dict) -> float:
+        """ms to work through per_session[s] chunks of each session s, in batches of one per session."""
+        counts, total, r = sorted(per_session.values(), reverse=True), 0.0, 0
+        while counts and counts[0] > r:
+            size = sum(c > r for c in counts)
+            total += self.batch_estimate_ms(level, size)
+            r += 1
+        return total
+
+    def batch_estimate_ms(self, level: int, size: int) -> float:
+        """ms of one round of `size` chunks: batches of at most max_batch (sequential where not batchable)."""
+        b = self.batch_ms[level]
+        full, rest = divmod(size, len(b))
+        return full * b[-1] + (b[rest - 1] if rest else 0.0)
+
+    def sessions_supported(self, slack_ms: float) -> tuple[int, int | None, float]:
+        """(how many speaking sessions this worker serves on time, the cache level that does it, the ms
+        its round of one chunk per session takes there): a round must fit HEADROOM of a chunk period
+        and, with the batch wait, the slack between a chunk's audio arriving and its first frame going
+        out (latency). (0, None, ms) when not even one session fits (a CPU slower than real time)."""
+        period_ms = self.cfg.frames * SAMPLES_PER_FRAME / 16
+        budget = min(HEADROOM * period_ms, slack_ms - self.config.live.batch_wait_ms)
+        best = (0, None, self.batch_estimate_ms(0, 1))
+        for n in range(1, 65):
+            fits = [lvl for lvl in range(len(self.batch_ms)) if self.batch_estimate_ms(lvl, n) <= budget]
+            if not fits:
+                break
+            best = (n, fits[0], self.batch_estimate_ms(fits[0], n))
+        return best
+
+    def capacity(self, level: int = 0) -> tuple[float, int]:
+        """(chunks per second the worker sustains at a cache level, the batch size that gives it)."""
+        best = max(range(1, len(self.batch_ms[level]) + 1), key=lambda n: n / self.batch_ms[level][n - 1])
+        return 1000.0 * best / self.batch_ms[level][best - 1], best
 
     def end_session(self, session: str) -> None:
         """Free the worker's state (motion latents, noise) of a session."""
+        with self._lock:
+            self._speaking.pop(session, None)
         if not self.closed:
             self._in.put(EndSession(session))
 
@@ -237,15 +307,16 @@ class GenerationWorker:
             if msg is None:
                 return
             if isinstance(msg, ChunkDone):
-                if msg.frames is not None:
-                    lvl, ms = msg.info["level"], msg.info["gen_ms"]
-                    prev = self.gen_ms[lvl]
-                    self.gen_ms[lvl] = ms if prev is None else 0.8 * prev + 0.2 * ms
+                if msg.frames is not None and msg.info.get("batch_index", 0) == 0:  # once per batch
+                    lvl, ms, n = msg.info["level"], msg.info["gen_ms"], msg.info.get("batch", 1)
+                    if n == 1:
+                        prev = self.gen_ms[lvl]
+                        self.gen_ms[lvl] = ms if prev is None else 0.8 * prev + 0.2 * ms
+                    if n <= len(self.batch_ms[lvl]):
+                        self.batch_ms[lvl][n - 1] = 0.8 * self.batch_ms[lvl][n - 1] + 0.2 * ms
                 with self._lock:
                     job = self._jobs.pop(msg.job)
                     self.pending -= 1
-                    # re-predict from what is still queued (the oldest of them is running now)
-                    self._free_at = time.monotonic() + sum(self.estimate_ms(j.level) for j in self._jobs.values()) / 1000
                 job.done(msg.frames, msg.info)
             elif isinstance(msg, IdleDone):
                 loop = None if msg.frames is None else IdleLoop(msg.frames)
@@ -336,23 +407,57 @@ class _Worker:
         self.stats = now
         return diff
 
-    def chunk(self, session, avatar, window, level, idle_motion):
-        gen = self.generator(session, avatar)
-        self.use_level(level, session)
-        self.steps_since()
-        gen.fixed_noise = bool(getattr(self.levels[level], "stream", False))
+    def _from_idle(self, gen, avatar, idle_motion):
+        """Continue a session's motion from the idle frames shown before global frame idle_motion."""
         if idle_motion is not None and avatar in self.idle_latents:
             lat = self.idle_latents[avatar]
             mf = self.cfg.motion_frames
             idx = [ping_pong(i, len(lat)) for i in range(idle_motion - mf, idle_motion)]
             gen.motion = lat[idx][None]
+
+    def chunk(self, session, avatar, window, level, idle_motion):
+        gen = self.generator(session, avatar)
+        self.use_level(level, session)
+        self.steps_since()
+        gen.fixed_noise = bool(getattr(self.levels[level], "stream", False))
+        self._from_idle(gen, avatar, idle_motion)
         start = time.monotonic()
         with self.autocast():
             frames = gen.chunk(self.torch.from_numpy(window), self.offset)
         end = time.monotonic()
         computed, reused = self.steps_since()
         return frames, {"gen_start": start, "gen_end": end, "gen_ms": (end - start) * 1000,
-                        "computed_steps": computed, "reused_steps": reused, "level": level}
+                        "computed_steps": computed, "reused_steps": reused, "level": level, "batch": 1}
+
+    def batchable(self, level) -> bool:
+        """Chunks of several sessions may share a batch at this level: no cache, or SyncCache following its
+        offline schedule (one plan for the whole batch). Online-probing caches decide per sample, and the
+        streaming extension banks residuals per session, so those run one chunk at a time."""
+        from synccache import SyncCacheConfig
+        c = self.levels[level]
+        return c is None or (isinstance(c, SyncCacheConfig) and c.schedule is not None and not c.stream)
+
+    def chunks(self, reqs: list) -> list:
+        """Chunks of different sessions -> [(frames, info)]: one batch at the highest cache level they ask
+        for where that level may batch, else one after another at their own levels."""
+        level = max(r.level for r in reqs)
+        if len(reqs) == 1 or not self.batchable(level):
+            return [self.chunk(r.session, r.avatar, r.window, r.level, r.idle_motion) for r in reqs]
+        from engine.generator import chunk_batch
+        gens = [self.generator(r.session, r.avatar) for r in reqs]
+        for g, r in zip(gens, reqs):
+            g.fixed_noise = False
+            self._from_idle(g, r.avatar, r.idle_motion)
+        self.use_level(level, None)  # a batch owns no residuals across chunks
+        self.steps_since()
+        start = time.monotonic()
+        with self.autocast():
+            frames = chunk_batch(gens, [self.torch.from_numpy(r.window) for r in reqs], [self.offset] * len(reqs))
+        end = time.monotonic()
+        computed, reused = self.steps_since()
+        info = {"gen_start": start, "gen_end": end, "gen_ms": (end - start) * 1000, "computed_steps": computed,
+                "reused_steps": reused, "level": level, "batch": len(reqs)}
+        return [(f, info | {"batch_index": i}) for i, f in enumerate(frames)]
 
     def idle(self, avatar):
         """Generate idle_chunks chunks from silence, continuing motion: the avatar's idle loop."""
@@ -387,6 +492,62 @@ def _pick_precision(w: _Worker, silence, rounds=3) -> str:
     return "bf16" if w.bf16 else "fp32"
 
 
+def time_batches(w: _Worker, silence, level: int, max_batch: int, single_ms: float, rounds: int = 2):
+    """[ms of a batch of B = 1..max_batch silent warm-up chunks] at a cache level (median of `rounds`);
+    None where the level cannot batch (its chunks then run one after another)."""
+    if max_batch <= 1 or not w.batchable(level):
+        return None
+    out = [single_ms]
+    for n in range(2, max_batch + 1):
+        reqs = [ChunkRequest(-1, f"warmup{b}", w.config.engine.avatar, silence, level, None) for b in range(n)]
+        out.append(float(np.median([w.chunks(reqs)[0][1]["gen_ms"] for _ in range(rounds)])))
+    return out
+
+
+def next_batch(first: ChunkRequest, backlog: collections.deque, max_batch: int) -> list:
+    """`first` plus the queued chunks that may join it, taken out of the backlog: other sessions' chunks,
+    oldest first, up to max_batch, never past a control message (so an EndSession still follows its
+    session's chunks). One chunk per session per batch: none is starved. The batch runs at the highest
+    cache level asked by its chunks (backpressure degrades every session in it alike, not one alone)."""
+    batch = [first]
+    join(batch, backlog, max_batch)
+    return batch
+
+
+def join(batch: list, backlog: collections.deque, max_batch: int) -> bool:
+    """Move into `batch` the queued chunks that may join it (see next_batch); False once a control
+    message blocks the way."""
+    sessions = {r.session for r in batch}
+    for m in list(backlog):
+        if len(batch) >= max_batch:
+            return True
+        if not isinstance(m, ChunkRequest):
+            return False
+        if m.session not in sessions:
+            batch.append(m)
+            sessions.add(m.session)
+            backlog.remove(m)
+    return True
+
+
+def gather(batch: list, backlog: collections.deque, inq, max_batch: int, expected: set, wait_s: float) -> None:
+    """Wait up to wait_s for the chunks of the `expected` sessions (active ones not in the batch yet) to
+    join it. Sessions' chunk grids are aligned (GenerationWorker.aligned_start), so their chunks fall due
+    within a few ms of each other; without the wait the worker would start on the first and serve the
+    others alone, one after another."""
+    deadline = time.monotonic() + wait_s
+    while len(batch) < max_batch and expected - {r.session for r in batch}:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            backlog.append(inq.get(timeout=left))
+        except queue.Empty:
+            return
+        if backlog[-1] is None or not join(batch, backlog, max_batch):
+            return
+
+
 def _worker_main(config: Config, inq, outq):
     try:
         w = _Worker(config)
@@ -400,29 +561,54 @@ def _worker_main(config: Config, inq, outq):
         for level in range(len(w.levels)):
             gen_ms.append(float(np.median([w.chunk("warmup", config.engine.avatar, silence, level, None)[1]["gen_ms"]
                                            for _ in range(3)])))
+        batch_ms = [time_batches(w, silence, level, config.live.max_batch, gen_ms[level])
+                    for level in range(len(w.levels))]
+        for b in range(config.live.max_batch):
+            w.gens.pop(f"warmup{b}", None)
         w.gens.pop("warmup", None)
     except Exception as e:
         outq.put(StartFailed(f"{type(e).__name__}: {e}"))
         return
-    outq.put(Ready(gen_ms, "bf16" if w.bf16 else "fp32"))
+    outq.put(Ready(gen_ms, "bf16" if w.bf16 else "fp32", batch_ms))
     parent = mp.parent_process()
+    backlog = collections.deque()
+    last_seen = {}  # session -> when the worker last received one of its chunks
     while True:
-        try:
-            msg = inq.get(timeout=1.0)
-        except queue.Empty:
-            if parent is not None and not parent.is_alive():  # the server died without closing us
-                return
-            continue
+        if not backlog:
+            try:
+                backlog.append(inq.get(timeout=1.0))
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():  # the server died without closing us
+                    return
+                continue
+        while True:  # everything already queued: chunks due now are batched together
+            try:
+                backlog.append(inq.get_nowait())
+            except queue.Empty:
+                break
+        now = time.monotonic()
+        for m in backlog:  # a session that sends chunks is active, whether or not it was served yet
+            if isinstance(m, ChunkRequest):
+                last_seen[m.session] = now
+        msg = backlog.popleft()
         if msg is None:
             return
         if isinstance(msg, ChunkRequest):
+            max_batch = max(1, config.live.max_batch)
+            batch = next_batch(msg, backlog, max_batch)
+            active = {k for k, t in last_seen.items() if now - t < ACTIVE_S}
+            if max_batch > 1 and w.batchable(max(r.level for r in batch)):
+                gather(batch, backlog, inq, max_batch, active, config.live.batch_wait_ms / 1000)
+            for r in batch:  # those that arrived while gathering are active too
+                last_seen[r.session] = time.monotonic()
             try:
-                frames, info = w.chunk(msg.session, msg.avatar, msg.window, msg.level, msg.idle_motion)
-            except Exception as e:  # one bad chunk must not kill the worker: the session shows idle
+                results = w.chunks(batch)
+            except Exception as e:  # one bad chunk must not kill the worker: its sessions show idle
                 import traceback
                 traceback.print_exc()
-                frames, info = None, {"error": f"{type(e).__name__}: {e}", "level": msg.level}
-            outq.put(ChunkDone(msg.job, frames, info))
+                results = [(None, {"error": f"{type(e).__name__}: {e}", "level": r.level}) for r in batch]
+            for r, (frames, info) in zip(batch, results):
+                outq.put(ChunkDone(r.job, frames, info))
         elif isinstance(msg, IdleRequest):
             try:
                 outq.put(IdleDone(msg.avatar, w.idle(msg.avatar), None))
@@ -432,5 +618,6 @@ def _worker_main(config: Config, inq, outq):
                 outq.put(IdleDone(msg.avatar, None, f"{type(e).__name__}: {e}"))
         elif isinstance(msg, EndSession):
             w.gens.pop(msg.session, None)
+            last_seen.pop(msg.session, None)
         elif isinstance(msg, ForgetIdle):
             w.idle_latents.pop(msg.avatar, None)

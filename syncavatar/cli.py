@@ -258,6 +258,29 @@ def cmd_bench_wan(a):
         Path(a.json).write_text(json.dumps(r, indent=1))
 
 
+def cmd_bench_batch(a):
+    from engine.bench_batch import bench_batch, plot, write_json
+    from engine.model.avatar import load_model
+    cfg = _config(a)
+    try:
+        sizes = sorted({int(b) for b in a.sizes.split(",")})
+    except ValueError:
+        raise UserError(f"--sizes must be comma-separated batch sizes, got {a.sizes!r}") from None
+    if min(sizes) < 1 or a.rounds < 1 or a.threads < 1:
+        raise UserError("--sizes, --rounds and --threads must be >= 1")
+    model = load_model(a.weights or cfg.path(cfg.model.weights))
+    result = bench_batch(model, cfg, sizes, rounds=a.rounds, threads=a.threads, precision=a.precision,
+                         progress=not a.quiet)
+    if a.json:
+        write_json(result, a.json)
+    if a.plot:
+        plot(result, a.plot)
+    print(f"B  separate ms  batched ms  chunk speedup  DiT speedup  chunks/s batched  max latent diff")
+    for b, r in result["sizes"].items():
+        print(f"{b:<2} {r['separate_chunk_ms']:11.1f} {r['batched_chunk_ms']:11.1f} {r['chunk_speedup']:14.2f} "
+              f"{r['dit_speedup']:12.2f} {r['chunks_per_s_batched']:17.2f} {r['max_latent_diff']:16.2e}")
+
+
 def cmd_bench(a):
     from engine.bench import bench_cache, default_sweep, pareto_plot, print_matched, print_table, write_json
     from engine.model.avatar import load_model
@@ -440,6 +463,17 @@ def build_parser():
     bc.add_argument("--config", default=None)
     bc.add_argument("--quiet", action="store_true")
     bc.set_defaults(func=cmd_bench)
+    bb = bsub.add_parser("batch", help="B sessions' chunks as one batch vs one after another (live SyncCache)")
+    bb.add_argument("--sizes", default="1,2,4")
+    bb.add_argument("--rounds", type=int, default=5)
+    bb.add_argument("--threads", type=int, default=1, help="torch threads (the live worker uses 1)")
+    bb.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    bb.add_argument("--json", default=None)
+    bb.add_argument("--plot", default=None)
+    bb.add_argument("--weights", default=None)
+    bb.add_argument("--config", default=None)
+    bb.add_argument("--quiet", action="store_true")
+    bb.set_defaults(func=cmd_bench_batch)
     bw = bsub.add_parser("wan", help="Wan2.2-S2V-14B: FLOPs per step by part (meta device, no weights) and "
                          "the DiT speedup ceiling of the shipped schedules")
     bw.add_argument("--steps", type=int, default=40)

@@ -103,7 +103,7 @@ class FakeEngine:
     def estimate_ms(self, level):
         return self.gen_ms_true[min(level, 1)]
 
-    def predict_finish(self, level, now):
+    def predict_finish(self, level, now, session=None):
         return now + (self.pending + 1) * self.estimate_ms(level) / 1000
 
     def submit(self, job):
@@ -206,7 +206,7 @@ class SimEngine(FakeEngine):
     def estimate_ms(self, level):
         return self.gen_ms_at(level, self.clock())
 
-    def predict_finish(self, level, now):
+    def predict_finish(self, level, now, session=None):
         return max(now, self.free_at) + self.estimate_ms(level) / 1000
 
     def submit(self, job):

@@ -31,10 +31,23 @@ SDP_OK_LINES = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nm=video 9 UDP/TLS/RTP/
 
 class StubEngine:
     """What AvatarServer reads of the engine before a session exists."""
-    pending, gen_ms = 0, [1.0]
+    pending, gen_ms, batch_ms = 0, [1.0], [[1.0]]
+    supported = 4  # sessions the worker serves on time (sessions_supported)
 
     def __init__(self, config):
         self.config = config
+        self.cfg = type("DiTConfig", (), {"frames": 4, "lookahead": 2})()
+        self.slack_ms = None
+
+    def sessions_supported(self, slack_ms):
+        self.slack_ms = slack_ms
+        return self.supported, 0, 100.0
+
+    def batch_estimate_ms(self, level, n):
+        return 90.0 * n
+
+    def capacity(self, level=0):
+        return 10.0, 1
 
     def worker_pids(self):
         return []
@@ -162,6 +175,28 @@ async def test_full_server_and_greedy_client_get_retry_after():
         server.connections = {"a": _Held("10.0.0.7"), "b": _Held("10.0.0.8")}
         status, err, headers = await _post(c, _offer())
         assert status == 503 and "full" in err["error"] and int(headers["Retry-After"]) > 0
+        server.connections = {}
+
+
+@pytest.mark.asyncio
+async def test_admission_follows_the_workers_measured_capacity():
+    """When the worker serves one session on time, the second gets 503 saying why; the first always gets
+    in; the slack passed on is the playout delay less a chunk, its look-ahead and the safety margin."""
+    server, app = _app(max_sessions=4, max_sessions_per_client=4)
+    async with TestClient(TestServer(app)) as c:
+        server.engine.supported = 1
+        assert server.at_capacity() is None  # nobody connected: always admitted
+        server.connections = {"a": _Held("10.0.0.7")}
+        status, err, headers = await _post(c, _offer())
+        assert status == 503 and err["error"] == ("at capacity: 1 speaking session(s) fit; 2 chunks take 180 ms, "
+                                                  "a chunk may take 110 ms")
+        assert int(headers["Retry-After"]) > 0
+        assert server.engine.slack_ms == 400 - (4 + 2) * 40 - 20
+        server.engine.supported = 2
+        assert server.at_capacity() is None
+        server.config.server.admit_by_capacity = False
+        server.engine.supported = 0
+        assert server.at_capacity() is None
         server.connections = {}
 
 
