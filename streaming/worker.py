@@ -6,12 +6,19 @@ ChunkDone / IdleDone out (None stops either side).
 
 Generation runs in its own process, not a thread of the server: the event loop then never waits on the
 GIL, and torch on this CPU is ~1.7x slower from a secondary thread than from a process's main thread
-(measured: 187 vs 112 ms per chunk, interleaved in one process). The DiT and its cache hooks are not
-re-entrant, so the worker serves every session's chunks first come first served.
+(measured: 187 vs 112 ms per chunk, interleaved in one process).
+
+Continuous batching: the worker takes the chunks that are due, one per session, and denoises them as one
+batch (engine.generator.chunk_batch) under one SyncCache plan, at the highest cache level any of them
+asked for, after waiting up to `batch_wait_ms` for the other speaking sessions' chunks (sessions share
+one chunk grid: `aligned_start`). Sessions join and leave between chunks; each keeps its own motion
+latents and noise stream. The server side predicts finishes by rounds of batches and admits sessions by
+the measured batch times (`sessions_supported`).
 
 The cache has levels for the backpressure policy: level 0 is the configured method (SyncCache's offline
 schedule by default), level 1 the higher-ratio `boost_cache`; the worker re-attaches hooks when the level
-changes, and resets the cache whenever the next chunk belongs to another session.
+changes, and resets the cache before every chunk or batch (banking residuals across chunks only for a
+session that runs alone under the streaming extension).
 """
 from __future__ import annotations
 
