@@ -145,3 +145,58 @@ def test_sessions_share_one_chunk_grid():
     assert w.aligned_start(10.0) == 10.0
     assert w.aligned_start(10.25) == pytest.approx(10.16)  # 160 ms chunks
     assert w.aligned_start(10.32) == pytest.approx(10.32)
+
+
+def test_worker_process_batches_sessions_on_one_grid():
+    """The real worker process: two sessions' chunks submitted 6 ms apart every 160 ms (as sessions on
+    one chunk grid are) are denoised together; a third session's, submitted alone, runs alone."""
+    import threading
+    import time
+
+    from engine.config import load_config
+    from streaming.worker import Job
+    cfg = load_config()
+    cfg.live.max_batch = 4
+    w = GenerationWorker(cfg)
+    try:
+        assert len(w.batch_ms[0]) == 4 and w.batch_ms[0][1] > w.batch_ms[0][0]
+        got, done = [], threading.Event()
+        window = np.zeros(12 * 640, np.float32)
+
+        def cb(session, c):
+            def f(frames, info):
+                got.append((session, c, info.get("batch"), info.get("gen_start"), frames is not None))
+                if len(got) == 13:
+                    done.set()
+            return f
+        t0 = time.monotonic()
+        for c in range(6):
+            time.sleep(max(0.0, t0 + 0.16 * c - time.monotonic()))
+            w.submit(Job("a", "0", window, 1, None, cb("a", c)))
+            time.sleep(0.006)
+            w.submit(Job("b", "5", window, 1, None, cb("b", c)))
+        time.sleep(0.6)  # a and b fall silent
+        w.submit(Job("c", "0", window, 0, None, cb("c", 0)))
+        assert done.wait(60)
+    finally:
+        w.close()
+    assert all(ok for *_, ok in got)
+    pairs = {c: [g for g in got if g[1] == c and g[0] in "ab"] for c in range(6)}
+    batched = [c for c, (x, y) in pairs.items() if x[2] == y[2] == 2 and x[3] == y[3]]
+    assert len(batched) >= 4, got  # the first round may start before b's chunk arrives
+    assert [g[2] for g in got if g[0] == "c"] == [1]
+
+
+def test_bench_batch_reports_both_ways(tmp_path, capsys):
+    import json
+
+    from syncavatar.cli import main
+    out = tmp_path / "b.json"
+    assert main(["bench", "batch", "--sizes", "1,2", "--rounds", "1", "--json", str(out), "--quiet",
+                 "--plot", str(tmp_path / "b.png")]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["sizes"]) == {"1", "2"} and (tmp_path / "b.png").stat().st_size > 0
+    for row in r["sizes"].values():
+        assert row["max_latent_diff"] <= 1e-4 and row["separate_chunk_ms"] > 0 and row["batched_chunk_ms"] > 0
+    assert main(["bench", "batch", "--sizes", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
