@@ -260,6 +260,7 @@ def calibrate_pipeline(folder, audio, image, out, steps: int = 40, budget: str =
     Cost: each step runs 1 + (number of spans) forwards per CFG pass while recording, 13 for the 14B.
     """
     from PIL import Image
+    from tqdm import tqdm
 
     from engine.calibrate import parse_budget, solve
     from engine.media import MediaError, load_audio
@@ -286,7 +287,7 @@ def calibrate_pipeline(folder, audio, image, out, steps: int = 40, budget: str =
             rec.reset()
             pipe(prompt=prompt, input_image=portrait, input_audio=speech, audio_sample_rate=16000,
                  num_inference_steps=steps, height=height, width=width, num_frames=num_frames, seed=0,
-                 progress_bar_cmd=(lambda x: x) if not progress else __import__("tqdm").tqdm)
+                 progress_bar_cmd=tqdm if progress else (lambda steps_: steps_))
             err = rec.errors()
     finally:
         pipe.model_fn = step.fn
