@@ -323,21 +323,33 @@ class AvatarServer:
         problem = _check_offer_sdp(sdp)
         if problem:
             return _error(400, f"bad offer: {problem}")
+        try:
+            answer, sid = await self.open_session(sdp, avatar, request.remote or "?")
+        except _BadRequest as e:
+            return _error(e.status, e.message, e.headers)
+        if whip:
+            return web.Response(status=201, body=answer.sdp, content_type="application/sdp",
+                                headers={"Location": f"/sessions/{sid}"})
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": sid})
+
+    async def open_session(self, sdp: str, avatar: str, client: str,
+                           session_id: str | None = None) -> tuple[RTCSessionDescription, str]:
+        """Admit and host one session for a checked offer -> (answer, session id): the peer connection,
+        the Session and its tracks, here. _BadRequest (503 / 429 / 400) when it cannot be served. What the
+        HTTP handler calls after parsing the request; a server without HTTP (a replica) can call it too."""
         s = self.config.server
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
         if len(self.connections) >= s.max_sessions:
-            return _error(503, f"server full: {s.max_sessions} sessions already running",
-                          {"Retry-After": str(RETRY_AFTER_S)})
+            raise _BadRequest(503, f"server full: {s.max_sessions} sessions already running", retry)
         full = self.at_capacity()
         if full:
-            return _error(503, full, {"Retry-After": str(RETRY_AFTER_S)})
-        client = request.remote or "?"
+            raise _BadRequest(503, full, retry)
         if sum(c.client == client for c in self.connections.values()) >= s.max_sessions_per_client:
-            return _error(429, f"this client already holds {s.max_sessions_per_client} session(s)",
-                          {"Retry-After": str(RETRY_AFTER_S)})
+            raise _BadRequest(429, f"this client already holds {s.max_sessions_per_client} session(s)", retry)
         try:
-            session = Session(self.engine, avatar, telemetry=self.telemetry)
+            session = Session(self.engine, avatar, session_id=session_id, telemetry=self.telemetry)
         except ValueError as e:
-            return _error(400, str(e))
+            raise _BadRequest(400, str(e)) from None
         pc = RTCPeerConnection(self.ice)
         conn = Connection(self, session, pc, client)
         self.connections[session.id] = conn
@@ -369,14 +381,10 @@ class AvatarServer:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # aiortc raises several types for a malformed or unusable SDP
             await conn.close("bad offer")
-            return _error(400, f"bad offer: {type(e).__name__}: {e}")
+            raise _BadRequest(400, f"bad offer: {type(e).__name__}: {e}") from None
         conn.start()
         conn.tasks.append(asyncio.ensure_future(self._watch(conn)))
-        answer = pc.localDescription
-        if whip:
-            return web.Response(status=201, body=answer.sdp, content_type="application/sdp",
-                                headers={"Location": f"/sessions/{session.id}"})
-        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": session.id})
+        return pc.localDescription, session.id
 
     async def _watch(self, conn: Connection):
         """End a session whose peer never connects (connect_timeout_s) or has gone silent (PEER_SILENT_S):
@@ -454,11 +462,11 @@ def _error(status, message, headers=None):
 
 
 class _BadRequest(Exception):
-    """A request the server will not serve: HTTP status and a short message for the JSON error."""
+    """A request the server will not serve: HTTP status, a short message for the JSON error, headers."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 def use_host_candidates(addresses: list[str]) -> None:
