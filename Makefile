@@ -26,12 +26,13 @@ sysdeps:
 	  else echo "make test needs system packages:$$missing (run: sudo apt-get install$$missing)" >&2; exit 1; fi; \
 	fi
 
-# the tests also run SyncCache on the real Wan2.2-S2V class: the [wan] extra (diffsynth)
-$(VENV)/.installed-wan: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[dev,wan]'
+# the tests also run SyncCache on the real Wan2.2-S2V class (the [wan] extra: diffsynth) and the
+# Ray Serve cluster (the [cluster] extra)
+$(VENV)/.installed-extras: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,wan,cluster]'
 	touch $@
 
-test: sysdeps venv $(VENV)/.installed-wan
+test: sysdeps venv $(VENV)/.installed-extras
 	$(BIN)/python -m pytest -q
 
 serve: venv

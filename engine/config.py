@@ -91,6 +91,19 @@ class SoakConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """`syncavatar serve --workers N`: avatar-worker replicas on Ray Serve behind the aiohttp front."""
+    workers: int = 0  # replicas; 0 = one process, no Ray (the default)
+    num_cpus: float = 1.0  # Ray resources of one replica
+    num_gpus: float = 0.0  # 1 per replica on GPU machines
+    telemetry_in: str = "tcp://127.0.0.1:5557"  # where replicas publish; the front relays to [server] telemetry
+    replica_timeout_s: float = 60.0  # an offer a replica has not answered by then gets 503
+    max_workers: int = 0  # > workers: Serve autoscales between workers and max_workers replicas
+    sessions_per_worker: float = 1.0  # autoscaling target: live sessions per replica
+    drain_timeout_s: float = 600.0  # a replica being stopped waits this long for its sessions to end
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -98,6 +111,7 @@ class Config:
     live: LiveConfig = field(default_factory=LiveConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     soak: SoakConfig = field(default_factory=SoakConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def path(self, p: str) -> Path:
         """Resolve a path from the config relative to the repository root."""
@@ -132,7 +146,7 @@ def load_config(path=DEFAULT_CONFIG) -> Config:
     path = Path(path)
     data = _read(path)
     sections = {"model": ModelConfig, "engine": EngineConfig, "cache": CacheConfig, "live": LiveConfig,
-                "server": ServerConfig, "soak": SoakConfig}
+                "server": ServerConfig, "soak": SoakConfig, "cluster": ClusterConfig}
     for k in data:
         if k not in sections:
             raise ConfigError(f"unknown section [{k}] in {path}")

@@ -127,6 +127,7 @@ class Connection:
         self.tasks: list[asyncio.Task] = []
         self.channel = None
         self.closed = False
+        self.reason = None  # why it ended
 
     def start(self):
         self.tasks.append(asyncio.ensure_future(self._pump()))
@@ -161,7 +162,7 @@ class Connection:
     async def close(self, reason: str = "closed"):
         if self.closed:
             return
-        self.closed = True
+        self.closed, self.reason = True, reason
         log.info("session %s: ended (%s)", self.session.id, reason)
         self.session.close()
         self.server.telemetry.listeners = [f for f in self.server.telemetry.listeners if f != self.on_telemetry]

@@ -15,10 +15,15 @@ SCHEMA_VERSION = 1
 
 
 class Telemetry:
-    """Thread-safe, non-blocking publisher; address "" or None publishes nowhere (listeners still get it)."""
+    """Thread-safe, non-blocking publisher; address "" or None publishes nowhere (listeners still get it).
 
-    def __init__(self, address: str | None = None, hwm: int = 10000):
+    connect: connect the PUB socket to `address` instead of binding it (a replica publishing into the
+    cluster front's proxy); fields: added to every message (e.g. {"replica": id})."""
+
+    def __init__(self, address: str | None = None, hwm: int = 10000, connect: bool = False,
+                 fields: dict | None = None):
         self.address = address or None
+        self.fields = dict(fields or {})
         self._lock = threading.Lock()
         self._sock = None
         self.listeners = []  # callables(session_id, message dict), e.g. a WebRTC data channel
@@ -30,10 +35,11 @@ class Telemetry:
             self._sock = self._ctx.socket(zmq.PUB)
             self._sock.setsockopt(zmq.SNDHWM, hwm)
             self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.bind(self.address)
+            (self._sock.connect if connect else self._sock.bind)(self.address)
 
     def publish(self, session: str, type_: str, t_ms: float, **fields) -> dict:
-        msg = {"schema": SCHEMA_VERSION, "type": type_, "session": session, "t_ms": round(t_ms, 1)} | fields
+        msg = {"schema": SCHEMA_VERSION, "type": type_, "session": session, "t_ms": round(t_ms, 1)} \
+            | self.fields | fields
         for fn in list(self.listeners):
             fn(session, msg)
         if self._sock is not None:
@@ -86,7 +92,7 @@ TABLE = {
     "session": ["event", "avatar"],
 }
 # the schema's fields that the live table leaves out (the CSV has them all)
-CSV_MORE = ["batch", "deadline_ms", "send_ms", "ready_frames", "dropped_late", "gap_fill_ms", "level", "jobs_in_flight",
+CSV_MORE = ["batch", "replica", "deadline_ms", "send_ms", "ready_frames", "dropped_late", "gap_fill_ms", "level", "jobs_in_flight",
             "level_name", "playout_delay_ms", "cache", "frames_out", "speech_frames", "idle_frames", "samples_in",
             "pushes", "errors"]
 

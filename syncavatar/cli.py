@@ -48,6 +48,15 @@ def cmd_serve(a):
     s.telemetry = a.telemetry if a.telemetry is not None else s.telemetry
     if not 0 < s.port < 65536:
         raise UserError(f"--port must be 1..65535, got {s.port}")
+    cfg.cluster.workers = a.workers if a.workers is not None else cfg.cluster.workers
+    if cfg.cluster.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {cfg.cluster.workers}")
+    if cfg.cluster.workers:
+        try:
+            from streaming.cluster import serve_cluster
+        except ImportError as e:
+            raise UserError(f"--workers needs Ray Serve ({e}): pip install -e '.[cluster]'") from None
+        return serve_cluster(cfg)
     serve(cfg)
 
 
@@ -507,6 +516,9 @@ def build_parser():
     s.add_argument("--host", default=None, help="default: [server] host (127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="default: [server] port (8080)")
     s.add_argument("--telemetry", default=None, help="ZMQ PUB address, '' = off (default: [server] telemetry)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="avatar-worker replicas on Ray Serve behind this front (default: [cluster] workers, 0 = "
+                        "one process, no Ray)")
     s.set_defaults(func=cmd_serve)
 
     tl = sub.add_parser("telemetry", help="live table of a server's telemetry (ZMQ SUB)")

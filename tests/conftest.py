@@ -56,7 +56,7 @@ def free_port():
 class LiveServer:
     """A `syncavatar serve` subprocess on loopback (tests/ci.toml), with telemetry on a free port."""
 
-    def __init__(self, log_path):
+    def __init__(self, log_path, config="ci.toml"):
         import sys
         from pathlib import Path
         root = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ class LiveServer:
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "syncavatar.cli", "serve", "--config", str(root / "tests" / "ci.toml"),
+            [sys.executable, "-m", "syncavatar.cli", "serve", "--config", str(root / "tests" / config),
              "--port", str(self.port), "--telemetry", self.telemetry],
             cwd=root, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
