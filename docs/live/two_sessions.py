@@ -114,7 +114,8 @@ def main():
         print(name, "fps", c["fps"], "p50", c["latency_ms_p50"], "p95", c["latency_ms_p95"], "sync", c["sync_conf"],
               result[name]["server_chunks"], "sync vs single", result[name].get("sync_vs_single"))
     print("third:", result["third"])
-    print("batch_ms at start / after:", health["batch_ms"], health_after["batch_ms"])
+    keys = ("batch_ms", "sessions_supported", "replicas")
+    print("healthz at start / after:", {k: health.get(k) for k in keys}, {k: health_after.get(k) for k in keys})
 
 
 if __name__ == "__main__":
