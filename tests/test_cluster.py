@@ -1,6 +1,6 @@
 """`syncavatar serve --workers 2`: avatar-worker replicas on Ray Serve behind the front (tests/cluster.toml).
 
-Two sessions land on different replicas (their telemetry says which) and stream at >= 20 fps; a third
+Two sessions land on different replicas (their telemetry says which) and both stream at >= 20 fps; a third
 gets 503 with Retry-After; killing the replica of one ends that session with a clear reason (GET
 /sessions/{id}, telemetry) while the other keeps streaming. Ray is started once, for this module.
 """
@@ -101,6 +101,9 @@ def test_sessions_spread_over_replicas_and_a_dead_replica_ends_only_its_own(clus
         assert third.returncode == 2 and "503" in third.stderr and "retry after" in third.stderr
         time.sleep(3.0)
         victim, survivor = sorted(starts)
+        for sid in starts:  # both streamed at >= 20 fps before the kill (telemetry, seconds after the first)
+            fps = [m["fps_out"] for m in list(msgs) if m["type"] == "second" and m["session"] == sid][1:]
+            assert fps and min(fps) >= 20, (sid, fps)
         _kill_replica(starts[victim])
         ended = None
         for _ in range(40):  # the session's open attend() call fails with its replica
