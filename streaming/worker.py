@@ -179,11 +179,15 @@ class GenerationWorker:
             self.pending += 1
         self._in.put(ChunkRequest(jid, job.session, job.avatar, job.window, job.level, job.idle_motion))
 
+    def chunk_ms(self) -> float:
+        """Speech one chunk covers (160 ms), the period of every session's chunks."""
+        return self.cfg.frames * SAMPLES_PER_FRAME / 16
+
     def aligned_start(self, now: float) -> float:
         """A new session's clock zero: the latest point of the shared chunk grid at or before `now`, so
         that every session's chunks fall due together and the worker can denoise them as one batch (the
         session starts with up to one chunk of silence it never heard)."""
-        period = self.cfg.frames * SAMPLES_PER_FRAME / 16000
+        period = self.chunk_ms() / 1000
         with self._lock:
             if self._grid0 is None:
                 self._grid0 = now
@@ -229,8 +233,7 @@ class GenerationWorker:
         its round of one chunk per session takes there): a round must fit HEADROOM of a chunk period
         and, with the batch wait, the slack between a chunk's audio arriving and its first frame going
         out (latency). (0, None, ms) when not even one session fits (a CPU slower than real time)."""
-        period_ms = self.cfg.frames * SAMPLES_PER_FRAME / 16
-        budget = min(HEADROOM * period_ms, slack_ms - self.config.live.batch_wait_ms)
+        budget = min(HEADROOM * self.chunk_ms(), slack_ms - self.config.live.batch_wait_ms)
         best = (0, None, self.batch_estimate_ms(0, 1))
         for n in range(1, 65):
             fits = [lvl for lvl in range(len(self.batch_ms)) if self.batch_estimate_ms(lvl, n) <= budget]
@@ -238,11 +241,6 @@ class GenerationWorker:
                 break
             best = (n, fits[0], self.batch_estimate_ms(fits[0], n))
         return best
-
-    def capacity(self, level: int = 0) -> tuple[float, int]:
-        """(chunks per second the worker sustains at a cache level, the batch size that gives it)."""
-        best = max(range(1, len(self.batch_ms[level]) + 1), key=lambda n: n / self.batch_ms[level][n - 1])
-        return 1000.0 * best / self.batch_ms[level][best - 1], best
 
     def end_session(self, session: str) -> None:
         """Free the worker's state (motion latents, noise) of a session."""

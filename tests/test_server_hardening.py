@@ -46,9 +46,6 @@ class StubEngine:
     def batch_estimate_ms(self, level, n):
         return 90.0 * n
 
-    def capacity(self, level=0):
-        return 10.0, 1
-
     def worker_pids(self):
         return []
 
