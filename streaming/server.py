@@ -5,7 +5,7 @@
                            (or WHIP-style: Content-Type application/sdp, ?avatar=N -> 201, the answer SDP,
                            Location /sessions/{id})
     DELETE /sessions/{id}  end a session (idempotent)
-    GET  /healthz          {status, sessions, pending_chunks, gen_ms, batch_ms, capacity_chunks_per_s, ...}
+    GET  /healthz          {status, sessions, pending_chunks, gen_ms, batch_ms, sessions_supported, ...}
     GET  /ice-servers      {iceServers}: the config's STUN/TURN servers, for the page
 
 Per connection: the mic track's frames go to session.push_audio; one pump task reads session.frames()
