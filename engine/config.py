@@ -21,6 +21,11 @@ class ModelConfig:
     seed: int = 0
     guidance: float = 3.0  # classifier-free guidance on the audio; 1.0 = off (half the DiT batch)
     noise_scale: float = 0.5  # std of the start noise
+    # the audio encoder and audio blocks (engine/audio_path.py): auto, torch, compile, onnxruntime, tensorrt.
+    # auto: tensorrt where CUDA and tensorrt are present, else the faster of torch and onnxruntime, timed
+    # on live chunks at worker start-up
+    audio_backend: str = "auto"
+    onnx_dir: str = ""  # exported audio-path graphs ("": exported on first use into ~/.cache/syncavatar)
 
 
 @dataclass

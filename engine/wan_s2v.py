@@ -181,6 +181,45 @@ S2V_FILES = {
 MEMORY_MARGIN = 1.5  # GPU memory needed, as a multiple of the DiT's bf16 weights
 
 
+# ------------------------------------------------------------------------------- audio path export
+class WanInjection(torch.nn.Module):
+    """Audio injection i of a WanS2VModel as one module, for the audio-path backends (engine/audio_path.py):
+    adaLN of the video tokens on the audio's global token, then cross-attention to the audio tokens -> the
+    residual `after_transformer_block` adds. Inputs per latent frame, as that method arranges them
+    (injection_inputs): hidden [(b t), n, dim], temb [(b t), dim], audio [(b t), a, dim]."""
+
+    def __init__(self, dit, i: int):
+        super().__init__()
+        inj = dit.audio_injector
+        if not hasattr(inj, "injector_adain_layers"):
+            raise WanS2VError("this WanS2VModel was built without enable_adain: its injection is not exported")
+        self.adain, self.attn = inj.injector_adain_layers[i], inj.injector[i]
+
+    def forward(self, hidden, temb, audio):
+        return self.attn(self.adain(hidden, temb), audio)
+
+
+def injection_inputs(hidden_states, audio_emb_global, audio_emb, original_seq_len):
+    """after_transformer_block's own arguments -> (hidden, temb, audio) for WanInjection."""
+    t = audio_emb.shape[1]
+    x = hidden_states[:, :original_seq_len]
+    x = x.reshape(x.shape[0] * t, -1, x.shape[-1])  # b (t n) c -> (b t) n c
+    return x, audio_emb_global.flatten(0, 1)[:, 0], audio_emb.flatten(0, 1)
+
+
+def export_injection(dit, i: int, out_dir, example: tuple) -> dict:
+    """Export audio injection i of dit to out_dir/wan_injection_{i}.onnx (dynamic frames, video tokens and
+    audio tokens) -> its manifest entry; example: (hidden, temb, audio) as injection_inputs gives them."""
+    from engine import audio_path
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frames, tokens, audio = ("frames", 1, 4096), ("tokens", 2, 1 << 20), ("audio", 1, 4096)
+    return audio_path.export_graph(
+        WanInjection(dit, i), tuple(example),
+        {"hidden": {0: frames, 1: tokens}, "temb": {0: frames}, "audio": {0: frames, 1: audio}}, ["residual"],
+        out / f"wan_injection_{i}.onnx")
+
+
 def check_model_dir(folder) -> dict:
     """part -> path(s) in the user's model folder; WanS2VError naming every missing part, in one line."""
     root = Path(folder)

@@ -5,7 +5,8 @@
                            (or WHIP-style: Content-Type application/sdp, ?avatar=N -> 201, the answer SDP,
                            Location /sessions/{id})
     DELETE /sessions/{id}  end a session (idempotent)
-    GET  /healthz          {status, sessions, pending_chunks, gen_ms, batch_ms, sessions_supported, ...}
+    GET  /healthz          {status, sessions, pending_chunks, gen_ms, batch_ms, sessions_supported,
+                          precision, audio_backend, ...}
     GET  /ice-servers      {iceServers}: the config's STUN/TURN servers, for the page
 
 Per connection: the mic track's frames go to session.push_audio; one pump task reads session.frames()
@@ -274,6 +275,7 @@ class AvatarServer:
                                   "gen_ms": [None if g is None else round(g, 1) for g in self.engine.gen_ms],
                                   "batch_ms": [[round(ms, 1) for ms in b] for b in self.engine.batch_ms],
                                   "sessions_supported": self.engine.sessions_supported(self.slack_ms())[0],
+                                  "precision": self.engine.precision, "audio_backend": self.engine.audio_backend,
                                   "process": self.procstats.read(), "tasks": len(asyncio.all_tasks()),
                                   "idle_loops": self.engine.idle_loops_cached()})
 
@@ -526,6 +528,8 @@ def serve(config: Config) -> None:
     engine.idle_loop(config.engine.avatar)
     log.info("idle loop of avatar %s ready; chunk generation %s ms per cache level, in %s", config.engine.avatar,
              [round(ms, 1) for ms in engine.gen_ms], engine.precision)
+    log.info("audio path: %s%s", engine.audio_backend, " (auto; one chunk: " + ", ".join(
+        f"{n} {ms:.1f} ms" for n, ms in engine.audio_backend_ms.items()) + ")" if engine.audio_backend_ms else "")
     log.info("batches of 1..%d chunks: %s ms per cache level", len(engine.batch_ms[0]),
              [[round(ms) for ms in b] for b in engine.batch_ms])
     server = AvatarServer(config, engine, telemetry)

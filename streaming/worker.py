@@ -101,6 +101,8 @@ class Ready:
     gen_ms: list  # per cache level, measured at start-up
     precision: str  # "bf16" or "fp32"
     batch_ms: list  # per cache level, ms of one batch of B = 1..max_batch chunks (None: not batchable)
+    audio_backend: str = "torch"  # the audio path's backend the worker runs (engine/audio_path.py)
+    audio_backend_ms: dict = None  # auto's timings of one level-0 chunk per candidate backend, ms
 
 
 @dataclass
@@ -164,6 +166,8 @@ class GenerationWorker:
             raise RuntimeError(f"generation worker failed to start: {getattr(msg, 'error', msg)}")
         self.gen_ms = list(msg.gen_ms)  # measured at start-up, then a running mean of live chunks
         self.precision = msg.precision  # what the worker generates in: "bf16" or "fp32" (auto: the faster here)
+        self.audio_backend = msg.audio_backend  # the audio path's backend (auto: the fastest timed here)
+        self.audio_backend_ms = msg.audio_backend_ms or {}
         # per level, ms of a batch of B chunks (index B - 1), measured at start-up then a running mean
         self.batch_ms = [list(b) if b else [self.gen_ms[lvl]] for lvl, b in enumerate(msg.batch_ms)]
         self.closed = False
@@ -497,6 +501,18 @@ def _pick_precision(w: _Worker, silence, rounds=3) -> str:
     return "bf16" if w.bf16 else "fp32"
 
 
+def _pick_audio_backend(w: _Worker, silence) -> dict:
+    """Install the configured audio backend; "auto" times a level-0 chunk with each candidate (after the
+    precision is chosen, so it is compared in the precision the worker runs)."""
+    from engine import audio_path
+    m = w.config.model
+    run = lambda: w.chunk("warmup", w.config.engine.avatar, silence, 0, None)  # noqa: E731
+    path, info = audio_path.choose(m.audio_backend, w.model, run=run,
+                                   onnx_dir=w.config.path(m.onnx_dir) if m.onnx_dir else None, log=lambda s: None)
+    w.audio_path = audio_path.install(w.model, path)
+    return info
+
+
 def time_batches(w: _Worker, silence, level: int, max_batch: int, single_ms: float, rounds: int = 2):
     """[ms of a batch of B = 1..max_batch silent warm-up chunks] at a cache level (median of `rounds`);
     None where the level cannot batch (its chunks then run one after another)."""
@@ -562,6 +578,7 @@ def _worker_main(config: Config, inq, outq):
         w.chunk("warmup", config.engine.avatar, silence, 0, None)
         if config.live.precision == "auto":
             _pick_precision(w, silence)
+        audio = _pick_audio_backend(w, silence)
         gen_ms = []
         for level in range(len(w.levels)):
             gen_ms.append(float(np.median([w.chunk("warmup", config.engine.avatar, silence, level, None)[1]["gen_ms"]
@@ -574,7 +591,7 @@ def _worker_main(config: Config, inq, outq):
     except Exception as e:
         outq.put(StartFailed(f"{type(e).__name__}: {e}"))
         return
-    outq.put(Ready(gen_ms, "bf16" if w.bf16 else "fp32", batch_ms))
+    outq.put(Ready(gen_ms, "bf16" if w.bf16 else "fp32", batch_ms, audio["backend"], audio["ms"]))
     parent = mp.parent_process()
     backlog = collections.deque()
     last_seen = {}  # session -> when the worker last received one of its chunks

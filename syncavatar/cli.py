@@ -118,7 +118,8 @@ def cmd_train(a):
             if not a.init:
                 raise UserError("--stage decoder retrains the decoder of a model: pass --init WEIGHTS")
             train.train_decoder(corpus, a.out, a.init, steps=a.decoder_steps, lr=a.decoder_lr,
-                                generated=a.decoder_generated, t_max=a.decoder_tmax)
+                                generated=a.decoder_generated, t_max=a.decoder_tmax, fine=a.decoder_fine,
+                                blink_share=a.decoder_blinks)
         elif stage == "export":
             train.export(a.out, Path(a.out) / "avatar.safetensors", preset=a.preset)
 
@@ -290,6 +291,53 @@ def cmd_bench_batch(a):
               f"{r['dit_speedup']:12.2f} {r['chunks_per_s_batched']:17.2f} {r['max_latent_diff']:16.2e}")
 
 
+def cmd_bench_audio(a):
+    from engine import audio_path
+    from engine.bench_audio import bench_audio, print_table, write_json
+    from engine.model.avatar import load_model
+    cfg = _config(a)
+    if a.rounds < 1 or a.threads < 1:
+        raise UserError("--rounds and --threads must be >= 1")
+    names = a.backends.split(",") if a.backends else None
+    for n in names or []:
+        why = audio_path.unavailable(n)
+        if why:
+            raise UserError(why)
+    model = load_model(a.weights or cfg.path(cfg.model.weights))
+    result = bench_audio(model, cfg, names, rounds=a.rounds, threads=a.threads, precision=a.precision,
+                         progress=not a.quiet)
+    if a.json:
+        write_json(result, a.json)
+    print_table(result)
+
+
+def cmd_export(a):
+    from engine import audio_path
+    from engine.model.avatar import load_model
+    cfg = _config(a)
+    if a.opset < audio_path.OPSET:
+        raise UserError(f"--opset must be >= {audio_path.OPSET} (LayerNormalization and the attention graphs need it)")
+    model = load_model(a.weights or cfg.path(cfg.model.weights))
+    try:
+        manifest = audio_path.export(model, a.out, opset=a.opset)
+    except audio_path.AudioPathError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps({"out": a.out, "graphs": list(manifest["graphs"]), "model_hash": manifest["model_hash"][:16],
+                      "opset": manifest["opset"]}))
+
+
+def cmd_build_trt(a):
+    from engine import audio_path
+    why = audio_path.unavailable("tensorrt", "cuda")
+    if why:
+        raise UserError(why)
+    try:
+        out = audio_path.build_trt(a.onnx, force=a.force)
+    except audio_path.AudioPathError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps({"engines": str(out)}))
+
+
 def cmd_bench(a):
     from engine.bench import bench_cache, default_sweep, pareto_plot, print_matched, print_table, write_json
     from engine.model.avatar import load_model
@@ -386,6 +434,10 @@ def build_parser():
     t.add_argument("--decoder-generated", type=float, default=0.5,
                    help="fraction of decoder training chunks decoded from the DiT's own latent prediction")
     t.add_argument("--decoder-tmax", type=float, default=0.3, help="highest noise level of those predictions")
+    t.add_argument("--decoder-fine", type=int, default=0,
+                   help="add a 128-px refinement stage of this width to the decoder (0: none)")
+    t.add_argument("--decoder-blinks", type=float, default=0.0,
+                   help="fraction of decoder training chunks that hold a closed-eye frame")
     t.add_argument("--dit-lr", type=float, default=3e-4, help="peak learning rate of the dit stage")
     t.add_argument("--expert-minutes", type=float, default=7.5)
     t.add_argument("--val", default=None, help="held-out corpus for the expert's validation")
@@ -483,6 +535,19 @@ def build_parser():
     bb.add_argument("--config", default=None)
     bb.add_argument("--quiet", action="store_true")
     bb.set_defaults(func=cmd_bench_batch)
+    ba = bsub.add_parser("audio", help="the audio path (encoder, audio blocks) on each backend: step and chunk "
+                         "ms, reuse-step cost c, parity with torch")
+    ba.add_argument("--backends", default=None, help="comma-separated subset of torch,compile,onnxruntime,tensorrt "
+                    "(default: every one available here)")
+    ba.add_argument("--rounds", type=int, default=7)
+    ba.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (the live worker uses 1)")
+    ba.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                    help="torch autocast for the model around the audio path (ONNX Runtime runs fp32)")
+    ba.add_argument("--json", default=None)
+    ba.add_argument("--weights", default=None)
+    ba.add_argument("--config", default=None)
+    ba.add_argument("--quiet", action="store_true")
+    ba.set_defaults(func=cmd_bench_audio)
     bw = bsub.add_parser("wan", help="Wan2.2-S2V-14B: FLOPs per step by part (meta device, no weights) and "
                          "the DiT speedup ceiling of the shipped schedules")
     bw.add_argument("--steps", type=int, default=40)
@@ -492,6 +557,17 @@ def build_parser():
     bw.add_argument("--json", default=None)
     bw.add_argument("--config", default=None)
     bw.set_defaults(func=cmd_bench_wan)
+
+    x = sub.add_parser("export", help="the audio path (audio encoder, K/V, audio blocks) as ONNX graphs + manifest")
+    x.add_argument("--out", required=True)
+    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--weights", default=None)
+    x.add_argument("--config", default=None)
+    x.set_defaults(func=cmd_export)
+    bt = sub.add_parser("build-trt", help="TensorRT engines from `syncavatar export` graphs (NVIDIA GPU + tensorrt)")
+    bt.add_argument("--onnx", required=True, help="the directory `syncavatar export --out` wrote")
+    bt.add_argument("--force", action="store_true", help="rebuild even if the engine cache matches")
+    bt.set_defaults(func=cmd_build_trt)
 
     e = sub.add_parser("eval", help="lip-sync metrics of a video (sync_conf, offset_frames, env_corr; "
                        "face_psnr with --avatar)")

@@ -16,6 +16,8 @@ from streaming.telemetry import messages
 def test_http_endpoints_and_errors(live_server):
     status, health = _http("GET", live_server + "/healthz")
     assert status == 200 and health["status"] == "ok"
+    # the default audio_backend = "auto" resolved at worker start-up to a CPU backend it timed
+    assert health["audio_backend"] in ("torch", "onnxruntime") and health["precision"] in ("bf16", "fp32")
     with urllib.request.urlopen(live_server + "/", timeout=10) as r:
         assert b"<video" in r.read()  # the browser client
     assert _http("POST", live_server + "/offer", "not json")[0] == 400

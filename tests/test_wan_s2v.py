@@ -16,6 +16,7 @@ from synccache.schedule import plan
 
 torch.set_num_threads(1)
 STEPS = 6
+S2V_DIM = 48  # S2V_TINY's dim
 C, F, H, W = 16, 2, 8, 8  # latents [1, 16, 1 + F, 8, 8]: 16 tokens per frame with 1x2x2 patches
 
 
@@ -513,3 +514,46 @@ def test_render_wan_errors_are_one_line(code, tmp_path, capsys):
     rc, io = _run_cli(["render", "--wan-s2v", str(tmp_path), "--audio", str(wav), "--out", str(tmp_path / "o.mp4"),
                        "--cache", "teacache"], capsys)
     assert rc == 2 and "not available on Wan2.2-S2V" in io.err
+
+
+def test_audio_injection_exports_to_onnx_and_matches_after_transformer_block(dit, tmp_path):
+    """engine/audio_path.py's export on the real class: one injection (adaLN + cross-attention) run by ONNX
+    Runtime equals the residual WanS2VModel.after_transformer_block adds, over two frame counts."""
+    import copy
+
+    import numpy as np
+    ort = pytest.importorskip("onnxruntime")
+    from engine.wan_s2v import export_injection, injection_inputs
+    dit = copy.deepcopy(dit)
+    torch.manual_seed(3)
+    for p in dit.audio_injector.parameters():  # random, not the zero-initialised outputs: a real comparison
+        torch.nn.init.normal_(p, std=0.2)
+    seen, orig = [], dit.after_transformer_block
+
+    def spy(block_idx, hidden_states, audio_emb_global, audio_emb, original_seq_len, *a, **k):
+        before = hidden_states.clone()
+        out = orig(block_idx, hidden_states, audio_emb_global, audio_emb, original_seq_len, *a, **k)
+        if block_idx in dit.audio_injector.injected_block_id:
+            seen.append((dit.audio_injector.injected_block_id[block_idx], before, audio_emb_global, audio_emb,
+                         original_seq_len, out.clone()))
+        return out
+    dit.after_transformer_block = spy
+    session = None
+    for frames in (2, 3):
+        inp = _inputs()
+        g = torch.Generator().manual_seed(frames)
+        inp["latents"] = torch.randn(1, C, 1 + frames, H, W, generator=g)
+        inp["audio"] = torch.randn(1, 25, 16, 4 * frames, generator=g)
+        seen.clear()
+        with torch.no_grad():
+            dit(inp["latents"], torch.tensor([500.0]), inp["context"], inp["audio"], inp["motion_latents"], None)
+        i, before, glob, emb, n, after = seen[1]  # the second injection (after block 2)
+        example = injection_inputs(before, glob, emb, n)
+        if session is None:  # exported once, at the first frame count; the second checks the dynamic axes
+            entry = export_injection(dit, i, tmp_path, example)
+            assert entry["inputs"]["hidden"] == ["frames", "tokens", S2V_DIM]
+            session = ort.InferenceSession(str(tmp_path / entry["file"]), providers=["CPUExecutionProvider"])
+        got = session.run(None, dict(zip(("hidden", "temb", "audio"), (e.numpy() for e in example))))[0]
+        want = (after - before)[:, :n].reshape(got.shape).numpy()
+        assert np.abs(want).max() > 0.1
+        assert np.abs(got - want).max() <= 1e-4

@@ -58,7 +58,12 @@ class AudioEncoder(nn.Module):
 
     def forward(self, samples, margin=MARGIN_FRAMES):
         """samples [B, S] covering frames incl. margins -> tokens [B, N, dim] without the margins."""
-        h = self.conv(self.features(samples)).transpose(1, 2)  # [B, 2 * frames, dim]
+        return self.tokens(self.features(samples), margin)
+
+    def tokens(self, feats, margin=MARGIN_FRAMES):
+        """features [B, 160, 4 * frames] -> tokens [B, N, dim] without the margins (the part an audio-path
+        backend may run: engine/audio_path.py; the log-mel stays in torch)."""
+        h = self.conv(feats).transpose(1, 2)  # [B, 2 * frames, dim]
         cut = margin * TOKENS_PER_FRAME
         h = h[:, cut:h.shape[1] - cut]
         return self.norm(h + self.pos[:, :h.shape[1]])

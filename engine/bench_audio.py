@@ -1,0 +1,158 @@
+"""`syncavatar bench audio`: the audio path (engine/audio_path.py) on each backend available here.
+
+Per backend, in one process and in lockstep (the backends take turns every round, so the machine's drift
+hits all alike), medians over rounds, in the live setting (live steps, guidance batch, `precision`):
+- `step_ms`: the audio path of one denoising step (every audio block once, on one chunk);
+- `audio_chunk_ms`: the audio path of one chunk (log-mel, audio encoder and K/V once, plus every step);
+- `reuse_cost`: c, a DiT forward on a step where SyncCache reuses every span, over a full forward: with
+  f of the steps computed, the DiT speedup is 1 / (f + (1 - f) c);
+- `chunk_ms`: one whole live chunk with SyncCache's live schedule (audio, DiT, decoder);
+- `setup_s`: export or compile time before the first call (ONNX Runtime reuses an export from the cache).
+`parity_max_abs`: the largest abs difference of the backend's outputs (tokens, K/V, block outputs) from
+torch's in fp32 on the same inputs. `default`: what `audio_backend = "auto"` picks by the same rule the
+worker uses (the fastest `chunk_ms` among audio_path.candidates()).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import audio_path
+from engine.bench_batch import CHUNK_START
+
+
+def _inputs(model, cfg, guidance):
+    """A chunk's audio window, its condition (guidance batch) and noisy latents."""
+    from engine.generator import ChunkGenerator, load_avatar
+    rng = np.random.default_rng(0)
+    audio = torch.from_numpy((0.1 * rng.standard_normal(16000 * 3)).astype(np.float32))
+    gen = ChunkGenerator(model, load_avatar("0"), steps=cfg.live.steps, guidance=guidance)
+    inputs = gen.inputs(audio, CHUNK_START, tokens=False)
+    return gen, audio, inputs
+
+
+def _all_reuse(steps, spans):
+    from synccache import Schedule
+    return Schedule(reuse=[[False] + [True] * (steps - 1) for _ in spans], spans=[list(s) for s in spans])
+
+
+def _parity(model, path, window) -> float:
+    """Max abs diff of path's tokens, K/V and block outputs from torch's, fp32, same inputs."""
+    ref = audio_path.AudioPath(model)
+    with torch.no_grad():
+        feats = model.audio.features(window)
+        t_ref, t = ref.tokens(feats), path.tokens(feats)
+        diffs = [(t - t_ref).abs().max().item()]
+        kv_ref, kv = ref.kv(t_ref), path.kv(t_ref)
+        diffs += [(a - b).abs().max().item() for p, q in zip(kv_ref, kv) for a, b in zip(p, q)]
+        n = model.cfg.frames * model.cfg.tokens_per_frame
+        g = torch.Generator().manual_seed(0)
+        for i in range(len(kv_ref)):
+            for branch in (kv_ref[i], tuple(torch.zeros_like(v) for v in kv_ref[i])):  # audio and null audio
+                x = torch.randn(window.shape[0], n, model.cfg.hidden, generator=g)
+                fm = torch.rand(window.shape[0], n, 1, generator=g)
+                bias = model.dit.audio_bias()
+                diffs.append((path.block(i, x, *branch, bias, fm) - ref.block(i, x, *branch, bias, fm)).abs().max().item())
+    return float(max(diffs))
+
+
+def bench_audio(model, cfg, backends=None, rounds=5, threads=1, precision="bf16", progress=True) -> dict:
+    """-> {"backends": {name: {...}}, "parity_max_abs", "default", ...} (see the module docstring)."""
+    from tqdm import tqdm
+
+    from engine.caching import attach, cache_config
+    from synccache import SyncCacheConfig, apply_synccache, reference_layout
+    torch.set_num_threads(threads)
+    guidance = cfg.model.guidance
+    names = backends or [n for n in audio_path.BACKENDS if audio_path.unavailable(n) is None]
+    skipped = {n: audio_path.unavailable(n) for n in audio_path.BACKENDS if n not in names}
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    gen, audio, inputs = _inputs(model, cfg, guidance)
+    window = inputs[2]
+    paths, setup_s, parity = {}, {}, {}
+    for n in names:
+        t0 = time.perf_counter()
+        paths[n] = audio_path.make(n, model, onnx_dir=None)
+        setup_s[n] = time.perf_counter() - t0
+        parity[n] = _parity(model, paths[n], window)
+    live = cache_config("synccache", cfg.live.steps, schedule=cfg.path(cfg.live.schedule),
+                        stream_schedule=cfg.path(cfg.live.schedule), calibration=cfg.path(cfg.cache.calibration))
+    layout = reference_layout(model.dit)
+    reuse_all = SyncCacheConfig(schedule=_all_reuse(cfg.live.steps, layout.spans()),
+                                forecast=live.forecast)
+    ms = {n: {"step": [], "encode": [], "full": [], "reuse": [], "chunk": []} for n in names}
+    x = inputs[-1]
+    for r in tqdm(range(rounds + 1), desc="bench audio", disable=not progress):  # round 0 warms up (and compiles)
+        for n in names:
+            handle = audio_path.install(model, paths[n])
+            with torch.no_grad(), autocast():
+                t0 = time.perf_counter()
+                cond = model.dit.prepare(*inputs[:2], model.audio(window), *inputs[3:5], null_audio=guidance != 1.0)
+                t_enc = time.perf_counter() - t0
+                h, c = model.dit.embed(torch.cat([x, x]), torch.ones(2), cond)
+                t0 = time.perf_counter()
+                for i in range(len(model.dit.audio_blocks)):
+                    model.dit.audio_step(i, h, cond)
+                t_step = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                model.dit(torch.cat([x, x]), torch.ones(2), cond)
+                t_full = time.perf_counter() - t0
+                cache = apply_synccache(model.dit, reuse_all, layout)
+                model.dit(torch.cat([x, x]), torch.ones(2), cond)  # step 0: computes and stores
+                t0 = time.perf_counter()
+                model.dit(torch.cat([x, x]), torch.full((2,), 0.9), cond)  # step 1: every span reused
+                t_reuse = time.perf_counter() - t0
+                cache.remove()
+                live_handle = attach(model.dit, live)
+                gen.reset()
+                t0 = time.perf_counter()
+                gen.chunk(audio, CHUNK_START)
+                t_chunk = time.perf_counter() - t0
+                live_handle.remove()
+            handle.remove()
+            if r:
+                for k, v in (("step", t_step), ("encode", t_enc), ("full", t_full), ("reuse", t_reuse),
+                             ("chunk", t_chunk)):
+                    ms[n][k].append(v * 1000)
+    med = {n: {k: float(np.median(v)) for k, v in m.items()} for n, m in ms.items()}
+    out = {n: {"step_ms": m["step"], "audio_chunk_ms": m["encode"] + cfg.live.steps * m["step"],
+               "reuse_cost": m["reuse"] / m["full"], "full_step_ms": m["full"], "reuse_step_ms": m["reuse"],
+               "chunk_ms": m["chunk"], "setup_s": setup_s[n]} for n, m in med.items()}
+    auto = [n for n in audio_path.candidates() if n in out]
+    default = min(auto, key=lambda n: (out[n]["chunk_ms"], auto.index(n))) if auto else None
+    return {"backends": out, "parity_max_abs": parity, "default": default, "auto_candidates": auto,
+            "unavailable": skipped, "precision": precision, "threads": threads, "rounds": rounds,
+            "steps": cfg.live.steps, "guidance": guidance, "schedule": cfg.live.schedule,
+            "audio_blocks": len(model.dit.audio_blocks), "cpu": _cpu()}
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def write_json(result, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
+
+
+def print_table(result):
+    print(f"audio path, {result['steps']} live steps, {result['precision']}, {result['threads']} thread(s); "
+          f"auto picks {result['default']}")
+    print("backend      step ms  audio/chunk ms  reuse cost c  full step ms  reuse step ms  chunk ms  setup s  parity")
+    for n, b in result["backends"].items():
+        print(f"{n:12s} {b['step_ms']:7.2f} {b['audio_chunk_ms']:15.2f} {b['reuse_cost']:13.3f} "
+              f"{b['full_step_ms']:13.2f} {b['reuse_step_ms']:14.2f} {b['chunk_ms']:9.1f} {b['setup_s']:8.1f}  "
+              f"{result['parity_max_abs'][n]:.1e}")
+    for n, why in result["unavailable"].items():
+        print(f"{n:12s} not run: {why}")
