@@ -336,9 +336,11 @@ class DecoderSampler:
     """Random training chunks for the decoder: true frames, their latents (encoded once per clip with the
     frozen encoder), and what the DiT needs to predict those latents (motion, audio window, masks)."""
 
-    def __init__(self, clips, model, rng):
-        self.clips, self.model, self.rng = clips, model, rng
+    def __init__(self, clips, model, rng, blink_share=0.0):
+        self.clips, self.model, self.rng, self.blink_share = clips, model, rng, blink_share
         self.audio = [torch.from_numpy(c["audio"].astype(np.float32)) for c in clips]
+        # frames with the eyes mostly shut: ~3% of frames, so the decoder rarely sees closed lids unless asked
+        self.blinks = [np.flatnonzero(c["blink"] > 0.5) if "blink" in c else np.zeros(0, int) for c in clips]
         self._z = {}
 
     @torch.no_grad()
@@ -356,12 +358,17 @@ class DecoderSampler:
         w, m = cfg.frames, cfg.motion_frames
         keys = ("frames", "ref_img", "face_px", "x", "mot", "ref", "aud", "face", "person")
         out = {k: [] for k in keys}
+        with_blinks = [i for i, b in enumerate(self.blinks) if len(b)]
         for _ in range(n):
-            ci = int(self.rng.integers(len(self.clips)))
+            blink = with_blinks and self.rng.random() < self.blink_share
+            ci = int(self.rng.choice(with_blinks) if blink else self.rng.integers(len(self.clips)))
             c = self.clips[ci]
             z, ref = self.latents(ci)
             t_len = z.shape[0]
             s = int(self.rng.integers(0, max(1, t_len - w + 1)))
+            if blink:  # a chunk that holds a closed-eye frame
+                f = int(self.rng.choice(self.blinks[ci]))
+                s = int(np.clip(f - self.rng.integers(w), 0, max(0, t_len - w)))
             padded = torch.cat([ref[None].repeat(m, 1, 1, 1), z, z[-1:].repeat(w, 1, 1, 1)])
             idx = np.minimum(np.arange(s, s + w), t_len - 1)
             out["frames"].append(torch.from_numpy(c["frames"][idx]))
@@ -391,7 +398,8 @@ def dit_latents(model, b, t_max=0.3, guidance=DEFAULT_GUIDANCE):
     return xt - tt * (v_null + guidance * (v_audio - v_null))
 
 
-def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, generated=0.5, t_max=0.3, max_clips=None):
+def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, generated=0.5, t_max=0.3, max_clips=None,
+                  fine=0, blink_share=0.0):
     """Stage `decoder`: retrain the reference-conditioned decoder (flow warp + delta) and the reference
     encoder with the frame encoder frozen, so the latent space, and with it the DiT, its SyncCache
     calibration and schedules, stays as shipped in `init`.
@@ -400,16 +408,18 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     DiT's own latent prediction (dit_latents, from noise levels up to t_max) instead of the encoder's, the
     rest from encoder latents with a little noise: the decoder learns to draw the true frame from the
     latents it will meet at inference. init may be a file this stage wrote (a second, gentler pass).
+    fine: width of the 128-px refinement stage to add (AEConfig.fine; kept if init has one); blink_share:
+    the fraction of chunks drawn so that they hold a closed-eye frame.
     """
     from engine.model.autoencoder import AEConfig
     from engine.model.avatar import load_model
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 2)
     shipped = load_model(init)
-    ae_cfg = AEConfig(**{**shipped.ae.cfg.__dict__, "flow": True})
+    ae_cfg = AEConfig(**{**shipped.ae.cfg.__dict__, "flow": True, "fine": shipped.ae.cfg.fine or fine})
     model = AvatarModel(shipped.cfg, ae_cfg)
     missing, unexpected = model.load_state_dict(shipped.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("ae.decoder.flow.") for k in missing):
+    if unexpected or any(not k.startswith(("ae.decoder.flow.", "ae.decoder.fine")) for k in missing):
         raise RuntimeError(f"init {init} does not fit: missing {missing}, unexpected {unexpected}")
     del shipped
     model.eval()
@@ -419,9 +429,10 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     params = list(ae.decoder.parameters()) + list(ae.ref_encoder.parameters())
     for p_ in params:
         p_.requires_grad_(True)
-    clips = load_corpus(corpus, keys=("frames", "audio", "ref", "face_mask", "ref_face_mask", "ref_person_mask"))
+    clips = load_corpus(corpus, keys=("frames", "audio", "ref", "face_mask", "ref_face_mask", "ref_person_mask",
+                                      "blink"))
     clips = clips[:max_clips] if max_clips else clips
-    data = DecoderSampler(clips, model, rng)
+    data = DecoderSampler(clips, model, rng, blink_share)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ck = Checkpointer(run_dir, "decoder")
     step = ck.resume({"ae": ae}, opt)

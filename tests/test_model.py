@@ -53,6 +53,26 @@ def test_flow_decoder_starts_as_the_plain_decoder():
         assert (flow.decode(z, flow.reference(x[:1])) - a).abs().mean() > 1e-3
 
 
+def test_fine_stage_starts_at_zero_and_then_corrects_the_picture():
+    """The 128-px refinement stage (AEConfig.fine) loads a decoder without it (its keys only missing) and
+    decodes bit-identically until trained; a trained correction changes the output."""
+    torch.manual_seed(0)
+    base = FrameAutoencoder(AEConfig(flow=True)).eval()
+    with torch.no_grad():
+        base.decoder.head.weight.normal_(0, 0.05)
+        base.decoder.flow[0].bias.fill_(0.02)
+    fine = FrameAutoencoder(AEConfig(flow=True, fine=16)).eval()
+    missing, unexpected = fine.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("decoder.fine") for k in missing)
+    x = torch.rand(3, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        z = base.encode(x)
+        a = base.decode(z, base.reference(x[:1]))
+        assert torch.equal(a, fine.decode(z, fine.reference(x[:1])))
+        fine.decoder.fine_out.bias.fill_(0.05)  # a flow and a delta correction
+        assert (fine.decode(z, fine.reference(x[:1])) - a).abs().mean() > 1e-3
+
+
 def test_dit_shapes_and_patches():
     dit = AvatarDiT(CFG).eval()
     x = torch.randn(2, CFG.frames, CFG.latent_channels, CFG.latent_size, CFG.latent_size)

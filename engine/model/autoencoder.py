@@ -17,6 +17,7 @@ class AEConfig:
     latent_channels: int = 16
     widths: tuple = (16, 32, 64, 128, 128)  # at 128, 64, 32, 16, 8 px
     flow: bool = False  # decoder warps the reference by a predicted flow (RefDecoder)
+    fine: int = 0  # width of the decoder's 128-px refinement stage (0: none; needs flow)
 
 
 def _norm(c):
@@ -90,7 +91,9 @@ class RefDecoder(nn.Module):
     that flow before they are fused, and the output is warp(reference) + delta. A head that sways is
     then the reference moved, not a second head painted over the first (a `reference + delta` decoder
     cannot move pixels and draws doubled eyes under motion). The flow heads start at zero, so a decoder
-    trained without flow loads into this one and starts exactly where it was.
+    trained without flow loads into this one and starts exactly where it was. With `fine`, a last stage at
+    128 px sees the finest reference features warped by that flow and corrects flow and delta there (thin
+    lids, lip lines and teeth lost at 64 px); it also starts at zero.
     (A learned alpha blend with the reference was tried first: its sigmoid saturated at "copy the
     reference" and no gradient reached the latent any more.)
     """
@@ -113,6 +116,14 @@ class RefDecoder(nn.Module):
             for conv in self.flow:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
+        self.fine = None
+        if cfg.fine:
+            # at 128 px: the upsampled features, the warped finest reference features and reference image,
+            # and the coarse delta -> a flow correction and a delta correction (zero at init)
+            self.fine = ResBlock(w[1] + w[0] + 3 + 3, cfg.fine)
+            self.fine_out = nn.Conv2d(cfg.fine, 2 + 3, 3, padding=1)
+            nn.init.zeros_(self.fine_out.weight)
+            nn.init.zeros_(self.fine_out.bias)
 
     def forward(self, z, ref_feats, ref_image, return_flow=False):
         """ref_feats: Encoder.features of the reference; ref_image [1,3,128,128] in [-1,1]."""
@@ -133,6 +144,12 @@ class RefDecoder(nn.Module):
         if not self.use_flow:
             return ref_image + delta
         flow = _resize(flow, ref_image.shape[-1])
+        if self.fine is not None:
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+            g = self.fine(torch.cat([h, warp(ref_feats[0], flow), warp(ref_image, flow), delta], 1))
+            correction = self.fine_out(g)
+            flow = flow + correction[:, :2]
+            delta = delta + correction[:, 2:]
         out = warp(ref_image, flow) + delta
         return (out, flow) if return_flow else out
 
