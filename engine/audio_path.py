@@ -483,11 +483,11 @@ def candidates(device="cpu") -> list[str]:
     return [n for n in AUTO_CPU if unavailable(n, device) is None]
 
 
-def fastest(model, names, run, rounds=3, onnx_dir=None, device="cpu", clock=time.perf_counter) -> tuple[str, dict]:
-    """Time run() (e.g. one live chunk) with each backend installed in turn, alternating for `rounds`
-    rounds (this machine's speed drifts) -> (the fastest by median ms, {name: median ms}). Ties go to the
-    first name; the model is left without a backend installed."""
-    paths = {n: make(n, model, device, onnx_dir) for n in names}
+def fastest(model, paths: dict, run, rounds=3, clock=time.perf_counter) -> tuple[str, dict]:
+    """Time run() (e.g. one live chunk) with each of paths {name: AudioPath} installed in turn, alternating
+    for `rounds` rounds (this machine's speed drifts) -> (the fastest by median ms, {name: median ms}). Ties
+    go to the first name; the model is left without a backend installed."""
+    names = list(paths)
     times = {n: [] for n in names}
     for r in range(rounds + 1):
         for n in names:
@@ -503,16 +503,28 @@ def fastest(model, names, run, rounds=3, onnx_dir=None, device="cpu", clock=time
 
 def choose(name, model, run=None, device="cpu", onnx_dir=None, log=print) -> tuple[AudioPath, dict]:
     """The configured audio_backend as an AudioPath, "auto" resolved (see candidates; by timing run() when
-    there is more than one), its choice logged once -> (path, {"backend", "auto", "ms"})."""
+    there is more than one), its choice logged once -> (path, {"backend", "auto", "ms"}).
+
+    An explicit choice that cannot run raises AudioPathError; auto leaves out a candidate that fails to set
+    up (e.g. an export dir it cannot write) and says so in its log line.
+    """
     if name != "auto":
         path = make(name, model, device, onnx_dir)
         return path, {"backend": name, "auto": False, "ms": {}}
-    names = candidates(device)
+    paths, left_out = {}, []
+    for n in candidates(device):
+        try:
+            paths[n] = make(n, model, device, onnx_dir)
+        except (AudioPathError, OSError) as e:
+            left_out.append(f"{n} left out: {e}")
     ms = {}
-    if len(names) > 1 and run is not None:
-        best, ms = fastest(model, names, run, onnx_dir=onnx_dir, device=device)
+    if len(paths) > 1 and run is not None:
+        best, ms = fastest(model, paths, run)
     else:
-        best = names[0]
+        best = next(iter(paths), "torch")
+    for n, p in paths.items():
+        if n != best:
+            p.close()
     log(f"audio backend: {best} (auto" + (": " + ", ".join(f"{n} {v:.1f} ms" for n, v in ms.items()) if ms else "")
-        + ")")
-    return make(best, model, device, onnx_dir), {"backend": best, "auto": True, "ms": ms}
+        + "".join(f"; {w}" for w in left_out) + ")")
+    return paths.get(best) or AudioPath(model), {"backend": best, "auto": True, "ms": ms}

@@ -158,4 +158,9 @@ def load_config(path=DEFAULT_CONFIG) -> Config:
     if path.resolve() != DEFAULT_CONFIG.resolve() and DEFAULT_CONFIG.exists():
         base = _read(DEFAULT_CONFIG)
         data = {k: base.get(k, {}) | data.get(k, {}) for k in sections}
-    return Config(**{k: _section(cls, data.get(k, {}), k) for k, cls in sections.items()})
+    config = Config(**{k: _section(cls, data.get(k, {}), k) for k, cls in sections.items()})
+    backends = ("auto", "torch", "compile", "onnxruntime", "tensorrt")  # engine/audio_path.py
+    if config.model.audio_backend not in backends:
+        raise ConfigError(f"[model] audio_backend must be one of {', '.join(backends)}, "
+                          f"got {config.model.audio_backend!r}")
+    return config

@@ -51,6 +51,11 @@ def cmd_serve(a):
     cfg.cluster.workers = a.workers if a.workers is not None else cfg.cluster.workers
     if cfg.cluster.workers < 0:
         raise UserError(f"--workers must be >= 0, got {cfg.cluster.workers}")
+    if cfg.model.audio_backend != "auto":  # an explicit backend that cannot run here: say so before starting
+        from engine.audio_path import unavailable
+        why = unavailable(cfg.model.audio_backend)
+        if why:
+            raise UserError(why)
     if cfg.cluster.workers:
         try:
             from streaming.cluster import serve_cluster
@@ -299,13 +304,19 @@ def cmd_bench_audio(a):
     if a.rounds < 1 or a.threads < 1:
         raise UserError("--rounds and --threads must be >= 1")
     names = a.backends.split(",") if a.backends else None
+    if a.device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {a.device!r}")
+    if a.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)")
     for n in names or []:
-        why = audio_path.unavailable(n)
+        why = audio_path.unavailable(n, a.device)
         if why:
             raise UserError(why)
     model = load_model(a.weights or cfg.path(cfg.model.weights))
     result = bench_audio(model, cfg, names, rounds=a.rounds, threads=a.threads, precision=a.precision,
-                         progress=not a.quiet)
+                         progress=not a.quiet, device=a.device)
     if a.json:
         write_json(result, a.json)
     print_table(result)
@@ -401,8 +412,10 @@ def _eval_picture(a, ident) -> dict:
 
 
 def _eval_corpus(a):
+    from engine.model.avatar import load_model
     from engine.report import evaluate_corpus
-    report = evaluate_corpus(a.corpus, clips=a.clips, steps=a.steps, sheet=a.sheet)
+    model = load_model(a.weights) if a.weights else None
+    report = evaluate_corpus(a.corpus, model=model, clips=a.clips, steps=a.steps, sheet=a.sheet)
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=1))
     print(json.dumps(report["summary"], indent=1))
@@ -543,6 +556,7 @@ def build_parser():
     ba.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (the live worker uses 1)")
     ba.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                     help="torch autocast for the model around the audio path (ONNX Runtime runs fp32)")
+    ba.add_argument("--device", default="cpu", help="cpu, or cuda: the audio path on the GPU (no chunk_ms there)")
     ba.add_argument("--json", default=None)
     ba.add_argument("--weights", default=None)
     ba.add_argument("--config", default=None)
@@ -585,6 +599,7 @@ def build_parser():
     e.add_argument("--steps", type=int, default=None, help="with --corpus: sampler steps")
     e.add_argument("--report", default=None, help="with --corpus: write the per-clip report JSON here")
     e.add_argument("--sheet", default=None, help="with --corpus: contact sheet PNG")
+    e.add_argument("--weights", default=None, help="with --corpus: model weights (default: the shipped model)")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("serve", help="the live avatar server: WebRTC mic in, avatar video + speech out")

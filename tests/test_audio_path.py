@@ -187,8 +187,20 @@ def test_auto_picks_the_fastest_measured_backend_and_logs_it_once(model, onnx_di
     assert info["ms"] == {"torch": 5000.0, "onnxruntime": 3000.0}
     assert len(logs) == 1 and logs[0].startswith("audio backend: onnxruntime (auto")
     cost["onnxruntime"] = 5.0  # a tie goes to torch, the first candidate
-    assert ap.fastest(model, ["torch", "onnxruntime"], run, onnx_dir=onnx_dir)[0] == "torch"
+    paths = {n: ap.make(n, model, onnx_dir=onnx_dir) for n in ("torch", "onnxruntime")}
+    assert ap.fastest(model, paths, run)[0] == "torch"
     assert not any("forward" in blk.__dict__ for blk in model.dit.audio_blocks)  # left uninstalled
+
+
+def test_auto_leaves_out_a_backend_that_cannot_be_set_up(model, monkeypatch, tmp_path):
+    pytest.importorskip("onnxruntime")
+    target = tmp_path / "not-a-dir"
+    target.write_text("")  # the cache cannot be made: exporting there fails
+    monkeypatch.setenv("SYNCAVATAR_CACHE", str(target))
+    logs = []
+    path, info = ap.choose("auto", model, run=lambda: None, log=logs.append)
+    assert path.name == "torch" and info["backend"] == "torch" and info["ms"] == {}
+    assert len(logs) == 1 and "onnxruntime left out" in logs[0]
 
 
 def test_explicit_choice_is_used_as_is(model):
@@ -234,3 +246,18 @@ def test_tensorrt_engines_match_torch_and_are_cached(model, onnx_dir):
         bias = gpu.dit.audio_bias("cuda")
         for i, (k, v) in enumerate(kv):
             assert (trt_path.block(i, x, k, v, bias, fm) - ref.block(i, x, k, v, bias, fm)).abs().max() <= 2e-2
+
+
+def test_bench_audio_reports_every_backend_with_the_issue_keys(model):
+    from engine.bench_audio import bench_audio
+    from engine.config import DEFAULT_CONFIG, load_config
+    pytest.importorskip("onnxruntime")
+    r = bench_audio(model, load_config(DEFAULT_CONFIG), ["torch", "onnxruntime"], rounds=1, progress=False,
+                    precision="fp32")
+    assert set(r["backends"]) == {"torch", "onnxruntime"} and r["default"] in ("torch", "onnxruntime")
+    for b in r["backends"].values():
+        assert set(b) >= {"step_ms", "chunk_ms", "reuse_cost"}
+        assert 0 < b["reuse_cost"] < 1 and b["step_ms"] > 0 and b["chunk_ms"] > 0
+    assert r["parity_max_abs"]["torch"] == 0 and r["parity_max_abs"]["onnxruntime"] <= TOL
+    assert r["unavailable"]["compile"] == "not selected"
+    assert not any("forward" in blk.__dict__ for blk in model.dit.audio_blocks)
