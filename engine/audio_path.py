@@ -234,7 +234,8 @@ class Installed:
     def remove(self):
         for mod, attr in self._patched:
             mod.__dict__.pop(attr, None)
-        self._patched, self._per_chunk = [], {}
+        self._patched = []
+        self._per_chunk.clear()  # the closure's dict: drops the last chunk's tokens and K/V
         self.path.close()
 
 
