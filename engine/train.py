@@ -383,6 +383,34 @@ class DecoderSampler:
         return {k: torch.stack(v) for k, v in out.items()}
 
 
+class PortraitSampler:
+    """Chunks of faces the corpus never shows, drawn straight by the renderer (no speech): identities from
+    `first` up (the held-out ones are 1000-1002), each chunk a random head offset that drifts, a blink
+    phase and mouth shapes. The decoder and its reference encoder meet many more faces than the DiT's 24."""
+
+    def __init__(self, rng, frames, first=2000, count=5000):
+        self.rng, self.frames, self.first, self.count = rng, frames, first, count
+
+    def batch(self, n):
+        from engine.data import portraits
+        r = self.rng
+        out = {"frames": [], "face_px": [], "ref_img": []}
+        for _ in range(n):
+            idn = portraits.identity(self.first + int(r.integers(self.count)))
+            start, drift = r.uniform(-4, 4, 2), r.normal(0, 0.4, 2)
+            blink = np.clip(r.uniform(-1.5, 1.5) + np.arange(self.frames) * r.choice([-0.3, 0.3]), 0, 1)
+            frames, faces = [], []
+            for i in range(self.frames):
+                dx, dy = np.clip(start + i * drift, -4, 4)
+                img, _, face = portraits.draw(idn, r.uniform(0, 1) ** 1.5, r.uniform(0, 1), blink[i], dx, dy)
+                frames.append(img)
+                faces.append(face)
+            out["frames"].append(torch.from_numpy(np.stack(frames)))
+            out["face_px"].append(torch.from_numpy(np.stack(faces)))
+            out["ref_img"].append(torch.from_numpy(portraits.draw(idn)[0]))
+        return {k: torch.stack(v) for k, v in out.items()}
+
+
 @torch.no_grad()
 def dit_latents(model, b, t_max=0.3, guidance=DEFAULT_GUIDANCE):
     """The DiT's guided one-step x0 prediction of each chunk from a random noise level t <= t_max: latents
@@ -399,7 +427,7 @@ def dit_latents(model, b, t_max=0.3, guidance=DEFAULT_GUIDANCE):
 
 
 def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, generated=0.5, t_max=0.3, max_clips=None,
-                  fine=0, blink_share=0.0):
+                  fine=0, blink_share=0.0, fine_window=None, portraits=0.0):
     """Stage `decoder`: retrain the reference-conditioned decoder (flow warp + delta) and the reference
     encoder with the frame encoder frozen, so the latent space, and with it the DiT, its SyncCache
     calibration and schedules, stays as shipped in `init`.
@@ -409,14 +437,17 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     rest from encoder latents with a little noise: the decoder learns to draw the true frame from the
     latents it will meet at inference. init may be a file this stage wrote (a second, gentler pass).
     fine: width of the 128-px refinement stage to add (AEConfig.fine; kept if init has one); blink_share:
-    the fraction of chunks drawn so that they hold a closed-eye frame.
+    the fraction of chunks drawn so that they hold a closed-eye frame; fine_window: the rows and columns
+    that stage covers (AEConfig.fine_window); portraits: the fraction of chunks that are faces the corpus
+    never shows (PortraitSampler), decoded from their encoder latents.
     """
     from engine.model.autoencoder import AEConfig
     from engine.model.avatar import load_model
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 2)
     shipped = load_model(init)
-    ae_cfg = AEConfig(**{**shipped.ae.cfg.__dict__, "flow": True, "fine": shipped.ae.cfg.fine or fine})
+    ae_cfg = AEConfig(**{**shipped.ae.cfg.__dict__, "flow": True, "fine": shipped.ae.cfg.fine or fine,
+                         "fine_window": fine_window or shipped.ae.cfg.fine_window})
     model = AvatarModel(shipped.cfg, ae_cfg)
     missing, unexpected = model.load_state_dict(shipped.state_dict(), strict=False)
     if unexpected or any(not k.startswith(("ae.decoder.flow.", "ae.decoder.fine")) for k in missing):
@@ -433,17 +464,25 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
                                       "blink"))
     clips = clips[:max_clips] if max_clips else clips
     data = DecoderSampler(clips, model, rng, blink_share)
+    faces = PortraitSampler(rng, model.cfg.frames)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ck = Checkpointer(run_dir, "decoder")
     step = ck.resume({"ae": ae}, opt)
     bar = tqdm(total=steps, initial=step, desc="train decoder", unit="step")
     rows, t0 = [], time.time()
     while step < steps:
-        b = data.batch(batch)
+        n_new = min(batch - 1, int((rng.random(batch) < portraits).sum()))  # faces the corpus never shows
+        b = data.batch(batch - n_new)
         z = b["x"].clone()
-        gen = torch.rand(batch) < generated
+        gen = torch.rand(batch - n_new) < generated
         if gen.any():
             z[gen] = dit_latents(model, {k: v[gen] for k, v in b.items()}, t_max=t_max)
+        if n_new:
+            new = faces.batch(n_new)
+            with torch.no_grad():
+                z_new = ae.encode(ae.to_input(new["frames"]).flatten(0, 1)).unflatten(0, (n_new, -1))
+            z, gen = torch.cat([z, z_new]), torch.cat([gen, torch.zeros(n_new, dtype=torch.bool)])
+            b = {k: torch.cat([b[k], new[k]]) for k in new}
         z = z + (~gen).float()[:, None, None, None, None] * torch.rand(batch, 1, 1, 1, 1) * 0.1 * torch.randn_like(z)
         x = ae.to_input(b["frames"]).flatten(0, 1)  # [B*W, 3, 128, 128]
         ref = ae.to_input(b["ref_img"])  # [B, 3, 128, 128]

@@ -124,7 +124,8 @@ def cmd_train(a):
                 raise UserError("--stage decoder retrains the decoder of a model: pass --init WEIGHTS")
             train.train_decoder(corpus, a.out, a.init, steps=a.decoder_steps, lr=a.decoder_lr,
                                 generated=a.decoder_generated, t_max=a.decoder_tmax, fine=a.decoder_fine,
-                                blink_share=a.decoder_blinks)
+                                blink_share=a.decoder_blinks, portraits=a.decoder_portraits,
+                                fine_window=tuple(int(v) for v in a.decoder_window.split(",")) if a.decoder_window else None)
         elif stage == "export":
             train.export(a.out, Path(a.out) / "avatar.safetensors", preset=a.preset)
 
@@ -451,6 +452,10 @@ def build_parser():
                    help="add a 128-px refinement stage of this width to the decoder (0: none)")
     t.add_argument("--decoder-blinks", type=float, default=0.0,
                    help="fraction of decoder training chunks that hold a closed-eye frame")
+    t.add_argument("--decoder-window", default="",
+                   help="r0,r1,c0,c1: the pixels the 128-px stage covers (default: the whole frame)")
+    t.add_argument("--decoder-portraits", type=float, default=0.0,
+                   help="fraction of decoder training chunks drawn from faces the corpus never shows")
     t.add_argument("--dit-lr", type=float, default=3e-4, help="peak learning rate of the dit stage")
     t.add_argument("--expert-minutes", type=float, default=7.5)
     t.add_argument("--val", default=None, help="held-out corpus for the expert's validation")

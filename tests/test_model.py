@@ -1,6 +1,7 @@
 """Model parts: shapes, patches, audio windows, sampler, shipped weights."""
 import math
 
+import pytest
 import torch
 
 from engine.model.audio_encoder import AudioEncoder, audio_window
@@ -71,6 +72,34 @@ def test_fine_stage_starts_at_zero_and_then_corrects_the_picture():
         assert torch.equal(a, fine.decode(z, fine.reference(x[:1])))
         fine.decoder.fine_out.bias.fill_(0.05)  # a flow and a delta correction
         assert (fine.decode(z, fine.reference(x[:1])) - a).abs().mean() > 1e-3
+
+
+def test_windowed_fine_stage_changes_only_its_window_and_fades_in():
+    """AEConfig.fine_window: the 128-px stage corrects only its window (the frame outside it is the plain
+    decoder's, bit for bit), and the correction fades in from the window's edge (no seam)."""
+    torch.manual_seed(0)
+    base = FrameAutoencoder(AEConfig(flow=True)).eval()
+    with torch.no_grad():
+        base.decoder.head.weight.normal_(0, 0.05)
+        base.decoder.flow[0].bias.fill_(0.02)
+    win = (24, 96, 28, 100)
+    fine = FrameAutoencoder(AEConfig(flow=True, fine=16, fine_window=win)).eval()
+    fine.load_state_dict(base.state_dict(), strict=False)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        z = base.encode(x)
+        a = base.decode(z, base.reference(x[:1]))
+        assert torch.allclose(a, fine.decode(z, fine.reference(x[:1])), atol=1e-6)  # zero at the start
+        fine.decoder.fine_out.bias[2:].fill_(0.05)  # a delta correction only: the change is the taper
+        b = fine.decode(z, fine.reference(x[:1]))
+    inside = torch.zeros(128, 128, dtype=torch.bool)
+    inside[win[0]:win[1], win[2]:win[3]] = True
+    change = (b - a).abs().amax((0, 1))
+    assert torch.equal(b[..., ~inside], a[..., ~inside])
+    assert torch.allclose(change[60, 64], torch.tensor(0.05), atol=1e-4)  # full strength inside
+    assert change[win[0], 64] < 0.01 and change[64, win[3] - 1] < 0.01  # barely any at the edge
+    with pytest.raises(ValueError, match="fine_window"):
+        FrameAutoencoder(AEConfig(flow=True, fine=16, fine_window=(24, 97, 28, 100)))
 
 
 def test_dit_shapes_and_patches():

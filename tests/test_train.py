@@ -1,6 +1,7 @@
 """Training pipeline smoke test on a tiny corpus: every stage runs, checkpoints, resumes and exports."""
 import csv
 
+import numpy as np
 import torch
 
 from engine import train
@@ -27,3 +28,17 @@ def test_train_stages_resume_and_export(tmp_path):
     cont = train.train_dit(corpus, run2, steps=1, batch=2, lr=0.0, preset="ref-XS", init=run / "avatar.safetensors")
     for (k, a), b in zip(model.dit.state_dict().items(), cont.dit.state_dict().values()):
         assert torch.allclose(a, b.float(), atol=1e-3), k  # lr 0: still the exported weights (fp16 storage)
+    # the decoder stage: a windowed 128-px stage, faces the corpus never shows, resumes from its checkpoint
+    run3 = tmp_path / "run3"
+    dec = train.train_decoder(corpus, run3, run / "avatar.safetensors", steps=1, batch=3, fine=8,
+                              fine_window=(24, 96, 28, 100), portraits=0.9, blink_share=0.5)
+    dec = train.train_decoder(corpus, run3, run / "avatar.safetensors", steps=2, batch=3, fine=8,
+                              fine_window=(24, 96, 28, 100), portraits=0.9, blink_share=0.5)
+    assert [int(r["step"]) for r in csv.DictReader(open(run3 / "decoder_loss.csv"))] == [1, 2]
+    shipped = load_model(run3 / "avatar.safetensors")
+    assert shipped.ae.cfg.fine == 8 and tuple(shipped.ae.cfg.fine_window) == (24, 96, 28, 100)
+    for (k, a), b in zip(model.dit.state_dict().items(), shipped.dit.state_dict().values()):
+        assert torch.allclose(a, b.float(), atol=1e-3), k  # the decoder stage leaves the DiT alone
+    faces = train.PortraitSampler(np.random.default_rng(0), frames=4).batch(2)
+    assert faces["frames"].shape == (2, 4, 128, 128, 3) and faces["ref_img"].shape == (2, 128, 128, 3)
+    assert faces["face_px"].shape == (2, 4, 128, 128) and faces["face_px"].any()

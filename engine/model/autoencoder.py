@@ -18,6 +18,12 @@ class AEConfig:
     widths: tuple = (16, 32, 64, 128, 128)  # at 128, 64, 32, 16, 8 px
     flow: bool = False  # decoder warps the reference by a predicted flow (RefDecoder)
     fine: int = 0  # width of the decoder's 128-px refinement stage (0: none; needs flow)
+    # rows r0:r1, columns c0:c1 the refinement stage covers (None: the whole frame). An aligned portrait
+    # has its eyes and mouth in the middle; a window there costs a third of the whole frame
+    fine_window: tuple | None = None
+
+
+TAPER = 6.0  # px over which the windowed refinement fades in from the window's edge
 
 
 def _norm(c):
@@ -67,12 +73,16 @@ class Encoder(nn.Module):
         return self.out(self.features(x)[-1])
 
 
-def warp(x, flow):
-    """Sample x [B,C,H,W] at grid + flow; flow [B,2,H,W] in normalised coordinates ([-1, 1] spans the image)."""
+def warp(x, flow, window=None):
+    """Sample x [B,C,H,W] at grid + flow; flow [B,2,H,W] in normalised coordinates ([-1, 1] spans the image).
+
+    window=(r0, r1, c0, c1): flow covers only those rows and columns of the grid, and so does the output.
+    """
     b, _, h, w = x.shape
-    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # [H, W, 2] as (x, y)
+    r0, r1, c0, c1 = window or (0, h, 0, w)
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)[r0:r1]
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)[c0:c1]
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # [h, w, 2] as (x, y)
     grid = grid + flow.permute(0, 2, 3, 1).to(x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -93,7 +103,9 @@ class RefDecoder(nn.Module):
     cannot move pixels and draws doubled eyes under motion). The flow heads start at zero, so a decoder
     trained without flow loads into this one and starts exactly where it was. With `fine`, a last stage at
     128 px sees the finest reference features warped by that flow and corrects flow and delta there (thin
-    lids, lip lines and teeth lost at 64 px); it also starts at zero.
+    lids, lip lines and teeth lost at 64 px); it also starts at zero. With `fine_window` that stage runs on
+    a window only (the eyes and mouth of an aligned portrait), its corrections tapered to zero at the
+    window's edge so that no seam shows.
     (A learned alpha blend with the reference was tried first: its sigmoid saturated at "copy the
     reference" and no gradient reached the latent any more.)
     """
@@ -124,8 +136,16 @@ class RefDecoder(nn.Module):
             self.fine_out = nn.Conv2d(cfg.fine, 2 + 3, 3, padding=1)
             nn.init.zeros_(self.fine_out.weight)
             nn.init.zeros_(self.fine_out.bias)
+            self.fine_window = tuple(cfg.fine_window) if cfg.fine_window else None
+            if self.fine_window:
+                r0, r1, c0, c1 = self.fine_window
+                if not (0 <= r0 < r1 <= cfg.image_size and 0 <= c0 < c1 <= cfg.image_size
+                        and all(v % 2 == 0 for v in self.fine_window)):
+                    raise ValueError(f"fine_window {self.fine_window}: even bounds inside the {cfg.image_size}-px frame")
+                ramp = lambda n: torch.clamp(torch.minimum(torch.arange(n) + 0.5, n - 0.5 - torch.arange(n)) / TAPER, 0, 1)
+                self.register_buffer("fine_taper", ramp(r1 - r0)[:, None] * ramp(c1 - c0)[None, :], persistent=False)
 
-    def forward(self, z, ref_feats, ref_image, return_flow=False):
+    def forward(self, z, ref_feats, ref_image):
         """ref_feats: Encoder.features of the reference; ref_image [1,3,128,128] in [-1,1]."""
         b = z.shape[0]
         ref_feats = [rf.expand(b, -1, -1, -1) if rf.shape[0] != b else rf for rf in ref_feats]
@@ -144,6 +164,15 @@ class RefDecoder(nn.Module):
         if not self.use_flow:
             return ref_image + delta
         flow = _resize(flow, ref_image.shape[-1])
+        if self.fine is not None and self.fine_window:
+            r0, r1, c0, c1 = win = self.fine_window
+            f, d = flow[..., r0:r1, c0:c1], delta[..., r0:r1, c0:c1]
+            h = F.interpolate(h[..., r0 // 2:r1 // 2, c0 // 2:c1 // 2], scale_factor=2, mode="nearest")
+            g = self.fine(torch.cat([h, warp(ref_feats[0], f, win), warp(ref_image, f, win), d], 1))
+            correction = self.fine_out(g) * self.fine_taper.to(g.dtype)
+            out = warp(ref_image, flow) + delta
+            out[..., r0:r1, c0:c1] = warp(ref_image, f + correction[:, :2], win) + d + correction[:, 2:]
+            return out
         if self.fine is not None:
             h = F.interpolate(h, scale_factor=2, mode="nearest")
             g = self.fine(torch.cat([h, warp(ref_feats[0], flow), warp(ref_image, flow), delta], 1))
@@ -151,7 +180,7 @@ class RefDecoder(nn.Module):
             flow = flow + correction[:, :2]
             delta = delta + correction[:, 2:]
         out = warp(ref_image, flow) + delta
-        return (out, flow) if return_flow else out
+        return out
 
 
 class FrameAutoencoder(nn.Module):
