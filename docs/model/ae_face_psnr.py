@@ -1,0 +1,28 @@
+"""Autoencoder face_psnr (true frames encoded and decoded, every 4th frame) per clip of a corpus, for one or
+more weight files: the quick check used between decoder passes (the full `syncavatar eval --corpus` report
+has the same column, `ae_face_psnr`, next to the generated video's).
+
+    .venv/bin/python docs/model/ae_face_psnr.py engine/weights/avatar.safetensors,runs/dec5/avatar.safetensors data/dev
+"""
+import glob
+import json
+import sys
+
+import numpy as np
+import torch
+
+from engine.model.avatar import load_model
+from engine.picture import face_psnr
+from engine.report import ae_roundtrip
+
+torch.set_num_threads(2)
+weights, corpus = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "data/dev"
+files = sorted(glob.glob(f"{corpus}/clip_*.npz"))
+for w in weights.split(","):
+    model = load_model(w)
+    res = []
+    for f in files:
+        clip = np.load(f)
+        ident = json.loads(str(clip["meta"]))["identity"]
+        res.append(face_psnr(ae_roundtrip(model, clip["frames"][::4], clip["ref"]), ident)["median"])
+    print(f"{w}: median {np.median(res):.2f} min {min(res):.2f} |", " ".join(f"{r:.1f}" for r in res), flush=True)
