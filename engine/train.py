@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine.data import portraits
 from engine.model.audio_encoder import audio_window
 from engine.model.avatar import AvatarModel, save_model
 from engine.model.dit import PRESETS
@@ -392,7 +393,6 @@ class PortraitSampler:
         self.rng, self.frames, self.first, self.count = rng, frames, first, count
 
     def batch(self, n):
-        from engine.data import portraits
         r = self.rng
         out = {"frames": [], "face_px": [], "ref_img": []}
         for _ in range(n):
@@ -427,7 +427,7 @@ def dit_latents(model, b, t_max=0.3, guidance=DEFAULT_GUIDANCE):
 
 
 def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, generated=0.5, t_max=0.3, max_clips=None,
-                  fine=0, blink_share=0.0, fine_window=None, portraits=0.0):
+                  fine=0, blink_share=0.0, fine_window=None, portrait_share=0.0):
     """Stage `decoder`: retrain the reference-conditioned decoder (flow warp + delta) and the reference
     encoder with the frame encoder frozen, so the latent space, and with it the DiT, its SyncCache
     calibration and schedules, stays as shipped in `init`.
@@ -438,7 +438,7 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     latents it will meet at inference. init may be a file this stage wrote (a second, gentler pass).
     fine: width of the 128-px refinement stage to add (AEConfig.fine; kept if init has one); blink_share:
     the fraction of chunks drawn so that they hold a closed-eye frame; fine_window: the rows and columns
-    that stage covers (AEConfig.fine_window); portraits: the fraction of chunks that are faces the corpus
+    that stage covers (AEConfig.fine_window); portrait_share: the fraction of chunks that are faces the corpus
     never shows (PortraitSampler), decoded from their encoder latents.
     """
     from engine.model.autoencoder import AEConfig
@@ -471,7 +471,7 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     bar = tqdm(total=steps, initial=step, desc="train decoder", unit="step")
     rows, t0 = [], time.time()
     while step < steps:
-        n_new = min(batch - 1, int((rng.random(batch) < portraits).sum()))  # faces the corpus never shows
+        n_new = min(batch - 1, int((rng.random(batch) < portrait_share).sum()))  # faces the corpus never shows
         b = data.batch(batch - n_new)
         z = b["x"].clone()
         gen = torch.rand(batch - n_new) < generated

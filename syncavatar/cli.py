@@ -124,7 +124,7 @@ def cmd_train(a):
                 raise UserError("--stage decoder retrains the decoder of a model: pass --init WEIGHTS")
             train.train_decoder(corpus, a.out, a.init, steps=a.decoder_steps, lr=a.decoder_lr,
                                 generated=a.decoder_generated, t_max=a.decoder_tmax, fine=a.decoder_fine,
-                                blink_share=a.decoder_blinks, portraits=a.decoder_portraits,
+                                blink_share=a.decoder_blinks, portrait_share=a.decoder_portraits,
                                 fine_window=tuple(int(v) for v in a.decoder_window.split(",")) if a.decoder_window else None)
         elif stage == "export":
             train.export(a.out, Path(a.out) / "avatar.safetensors", preset=a.preset)

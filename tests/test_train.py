@@ -31,9 +31,9 @@ def test_train_stages_resume_and_export(tmp_path):
     # the decoder stage: a windowed 128-px stage, faces the corpus never shows, resumes from its checkpoint
     run3 = tmp_path / "run3"
     dec = train.train_decoder(corpus, run3, run / "avatar.safetensors", steps=1, batch=3, fine=8,
-                              fine_window=(24, 96, 28, 100), portraits=0.9, blink_share=0.5)
+                              fine_window=(24, 96, 28, 100), portrait_share=0.9, blink_share=0.5)
     dec = train.train_decoder(corpus, run3, run / "avatar.safetensors", steps=2, batch=3, fine=8,
-                              fine_window=(24, 96, 28, 100), portraits=0.9, blink_share=0.5)
+                              fine_window=(24, 96, 28, 100), portrait_share=0.9, blink_share=0.5)
     assert [int(r["step"]) for r in csv.DictReader(open(run3 / "decoder_loss.csv"))] == [1, 2]
     shipped = load_model(run3 / "avatar.safetensors")
     assert shipped.ae.cfg.fine == 8 and tuple(shipped.ae.cfg.fine_window) == (24, 96, 28, 100)

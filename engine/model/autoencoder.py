@@ -136,14 +136,15 @@ class RefDecoder(nn.Module):
             self.fine_out = nn.Conv2d(cfg.fine, 2 + 3, 3, padding=1)
             nn.init.zeros_(self.fine_out.weight)
             nn.init.zeros_(self.fine_out.bias)
-            self.fine_window = tuple(cfg.fine_window) if cfg.fine_window else None
-            if self.fine_window:
-                r0, r1, c0, c1 = self.fine_window
-                if not (0 <= r0 < r1 <= cfg.image_size and 0 <= c0 < c1 <= cfg.image_size
-                        and all(v % 2 == 0 for v in self.fine_window)):
-                    raise ValueError(f"fine_window {self.fine_window}: even bounds inside the {cfg.image_size}-px frame")
-                ramp = lambda n: torch.clamp(torch.minimum(torch.arange(n) + 0.5, n - 0.5 - torch.arange(n)) / TAPER, 0, 1)
-                self.register_buffer("fine_taper", ramp(r1 - r0)[:, None] * ramp(c1 - c0)[None, :], persistent=False)
+            size = cfg.image_size
+            self.fine_window = r0, r1, c0, c1 = tuple(cfg.fine_window or (0, size, 0, size))
+            if not (0 <= r0 < r1 <= size and 0 <= c0 < c1 <= size and all(v % 2 == 0 for v in self.fine_window)):
+                raise ValueError(f"fine_window {self.fine_window}: even bounds inside the {size}-px frame")
+            # the whole frame needs no taper (no edge inside the frame); a window fades in from its edge
+            ramp = lambda n: torch.clamp(torch.minimum(torch.arange(n) + 0.5, n - 0.5 - torch.arange(n)) / TAPER, 0, 1)
+            taper = (torch.ones(r1 - r0, c1 - c0) if cfg.fine_window is None
+                     else ramp(r1 - r0)[:, None] * ramp(c1 - c0)[None, :])
+            self.register_buffer("fine_taper", taper, persistent=False)
 
     def forward(self, z, ref_feats, ref_image):
         """ref_feats: Encoder.features of the reference; ref_image [1,3,128,128] in [-1,1]."""
@@ -164,22 +165,18 @@ class RefDecoder(nn.Module):
         if not self.use_flow:
             return ref_image + delta
         flow = _resize(flow, ref_image.shape[-1])
-        if self.fine is not None and self.fine_window:
-            r0, r1, c0, c1 = win = self.fine_window
-            f, d = flow[..., r0:r1, c0:c1], delta[..., r0:r1, c0:c1]
-            h = F.interpolate(h[..., r0 // 2:r1 // 2, c0 // 2:c1 // 2], scale_factor=2, mode="nearest")
-            g = self.fine(torch.cat([h, warp(ref_feats[0], f, win), warp(ref_image, f, win), d], 1))
-            correction = self.fine_out(g) * self.fine_taper.to(g.dtype)
-            out = warp(ref_image, flow) + delta
-            out[..., r0:r1, c0:c1] = warp(ref_image, f + correction[:, :2], win) + d + correction[:, 2:]
-            return out
-        if self.fine is not None:
-            h = F.interpolate(h, scale_factor=2, mode="nearest")
-            g = self.fine(torch.cat([h, warp(ref_feats[0], flow), warp(ref_image, flow), delta], 1))
-            correction = self.fine_out(g)
-            flow = flow + correction[:, :2]
-            delta = delta + correction[:, 2:]
+        if self.fine is None:
+            return warp(ref_image, flow) + delta
+        r0, r1, c0, c1 = win = self.fine_window
+        f, d = flow[..., r0:r1, c0:c1], delta[..., r0:r1, c0:c1]
+        h = F.interpolate(h[..., r0 // 2:r1 // 2, c0 // 2:c1 // 2], scale_factor=2, mode="nearest")
+        g = self.fine(torch.cat([h, warp(ref_feats[0], f, win), warp(ref_image, f, win), d], 1))
+        correction = self.fine_out(g) * self.fine_taper.to(g.dtype)
+        inner = warp(ref_image, f + correction[:, :2], win) + d + correction[:, 2:]
+        if inner.shape[-2:] == delta.shape[-2:]:
+            return inner  # the window is the whole frame
         out = warp(ref_image, flow) + delta
+        out[..., r0:r1, c0:c1] = inner
         return out
 
 
