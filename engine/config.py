@@ -59,6 +59,7 @@ class LiveConfig:
     recover_chunks: int = 8  # on-time chunks before the policy steps back down
     safety_ms: int = 20  # a chunk predicted to finish later than its deadline minus this is "behind"
     worker_threads: int = 1  # torch threads of the generation worker; 0 = torch's default (all cores)
+    pipeline_decode: bool = True  # decode chunk c on a second thread while the DiT denoises chunk c + 1
     max_batch: int = 4  # chunks of different sessions the worker denoises together in one batch (1 = off)
     batch_wait_ms: int = 30  # how long the worker waits for other active sessions' chunks to join a batch
     transport_ms: int = 140  # network + jitter buffers, for the latency estimate only (loopback: ~130 ms)

@@ -160,24 +160,40 @@ def chunk_batch(gens: list, windows: list, starts: list, timer: dict | None = No
     caller) treats every session alike and each session gets what it would get alone (up to float
     rounding). The generators must share the model and sampling settings and have no cache of their own.
     """
+    return decode_batch(gens, denoise_batch(gens, windows, starts, timer))
+
+
+@torch.no_grad()
+def denoise_batch(gens: list, windows: list, starts: list, timer: dict | None = None) -> torch.Tensor:
+    """The DiT half of chunk_batch -> latents [B, W, C, h, w]; each generator's motion already carried, so
+    the next chunk can be denoised while these are decoded (the live worker's pipeline)."""
     first = gens[0]
     for g in gens:
         if g.model is not first.model or (g.steps, g.shift, g.guidance) != (first.steps, first.shift, first.guidance):
             raise ValueError("chunk_batch: generators must share the model, steps, shift and guidance")
         if g.cache is not None:
             raise ValueError("chunk_batch: attach the cache to the shared DiT, not to a generator")
-    model, w = first.model, first.cfg.frames
+    model = first.model
     parts = [g.inputs(a, s, tokens=False) for g, a, s in zip(gens, windows, starts)]
     ref, motion, audio, face, person, noise = (torch.cat(p) for p in zip(*parts))
     cond = model.dit.prepare(ref, motion, model.audio(audio), face, person, null_audio=first.guidance != 1.0)
     z = sample(model.dit, cond, noise, first.steps, first.shift, timer=timer, guidance=first.guidance)
     for i, g in enumerate(gens):
         g.finish(z[i:i + 1], decode=False)
-    # one decoder pass for every frame of every session, each frame with its own portrait's features
+    return z
+
+
+@torch.no_grad()
+def decode_batch(gens: list, z: torch.Tensor) -> list:
+    """The decoder half of chunk_batch: latents [B, W, C, h, w] -> [uint8 frames [W, 128, 128, 3] per
+    generator], one decoder pass for every frame, each frame with its own portrait's features."""
+    ae, w = gens[0].model.ae, z.shape[1]
+    if len(gens) == 1:  # as ChunkGenerator.chunk decodes: the portrait's features broadcast
+        return [ae.to_uint8(ae.decode(z[0], gens[0].ref_feats))]
     feats = [torch.cat([g.ref_feats[0][k] for g in gens]).repeat_interleave(w, 0)
-             for k in range(len(first.ref_feats[0]))]
+             for k in range(len(gens[0].ref_feats[0]))]
     image = torch.cat([g.ref_feats[1] for g in gens]).repeat_interleave(w, 0)
-    frames = model.ae.to_uint8(model.ae.decode(z.flatten(0, 1), (feats, image)))
+    frames = ae.to_uint8(ae.decode(z.flatten(0, 1), (feats, image)))
     return [frames[i * w:(i + 1) * w] for i in range(len(gens))]
 
 

@@ -144,7 +144,9 @@ class ChunkRecord:
     jobs_queued: int | None = None
     gen_start_ms: float | None = None
     gen_end_ms: float | None = None
-    gen_ms: float | None = None
+    first_ready_ms: float | None = None  # its first frame was decoded (decoded before the others)
+    gen_ms: float | None = None  # from the DiT stage's start to all its frames ready
+    decode_ms: float | None = None  # of which the decoder stage ran this long
     computed_steps: int | None = None
     reused_steps: int | None = None
     batch: int | None = None  # chunks of sessions denoised together with it (1: alone)

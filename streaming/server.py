@@ -530,8 +530,10 @@ def serve(config: Config) -> None:
              [round(ms, 1) for ms in engine.gen_ms], engine.precision)
     log.info("audio path: %s%s", engine.audio_backend, " (auto; one chunk: " + ", ".join(
         f"{n} {ms:.1f} ms" for n, ms in engine.audio_backend_ms.items()) + ")" if engine.audio_backend_ms else "")
-    log.info("batches of 1..%d chunks: %s ms per cache level", len(engine.batch_ms[0]),
-             [[round(ms) for ms in b] for b in engine.batch_ms])
+    log.info("batches of 1..%d chunks hold the worker %s ms per cache level (decoding %s, %s; first frames %s)",
+             len(engine.batch_ms[0]), [[round(ms) for ms in b] for b in engine.batch_ms],
+             [round(ms) for ms in engine.decode_ms], "beside the next batch's DiT" if engine.pipelined
+             else "after the DiT", [round(ms) for ms in engine.first_ms])
     server = AvatarServer(config, engine, telemetry)
     try:
         web.run_app(server.app(), host=s.host, port=s.port, print=lambda m: log.info(

@@ -200,7 +200,8 @@ class Session:
                 self.in_flight += 1
             idle_motion, self.idle_motion = self.idle_motion, None
             self.engine.submit(Job(self.id, self.avatar, window, level, idle_motion,
-                                   lambda frames, info, c=c: self._done(c, frames, info)))
+                                   lambda frames, info, c=c: self._done(c, frames, info),
+                                   lambda frames, ready, c=c: self._first(c, frames, ready)))
 
     def _idle_chunk(self, rec: ChunkRecord):
         """The chunk shows the idle loop; the next generated chunk continues from those idle frames."""
@@ -212,8 +213,26 @@ class Session:
         names = self.engine.level_names + ["idle chunks"]
         self.publish("decision", action=d.action, level=d.level, level_name=names[d.level], reason=d.reason)
 
+    def _first(self, c, frames, ready):
+        """Worker thread: chunk c's first frame is decoded (monotonic time `ready`); the rest follow."""
+        with self._lock:
+            rec = self.chunks.get(c)
+            if rec is not None:
+                rec.first_ready_ms = round(self.clock_ms(ready), 1)
+            self._put(c, 0, frames)
+
+    def _put(self, c, first, frames):
+        """Frames [first, first + len(frames)) of chunk c are ready (under the lock); those already due count
+        as dropped_late."""
+        for k, rgb in enumerate(frames):
+            i = c * self.W + first + k
+            if i >= self.play_index:
+                self.ready[i] = rgb
+            else:
+                self.counts["dropped_late"] += 1
+
     def _done(self, c, frames, info):
-        """Worker thread: chunk c finished (frames None on error)."""
+        """Worker thread: chunk c finished (frames None on error; else from info["first"] on)."""
         with self._lock:
             self.in_flight -= 1
             rec = self.chunks.get(c)
@@ -226,15 +245,11 @@ class Session:
                     rec.gen_start_ms = round(self.clock_ms(info["gen_start"]), 1)
                     rec.gen_end_ms = round(self.clock_ms(info["gen_end"]), 1)
                     rec.gen_ms = round((info["gen_end"] - info["gen_start"]) * 1000, 1)
+                    rec.decode_ms = round(info["decode_ms"], 1) if "decode_ms" in info else None
                     rec.computed_steps, rec.reused_steps = info["computed_steps"], info["reused_steps"]
                     rec.batch = info.get("batch", 1)
                     rec.level = info.get("level", rec.level)  # a batch runs at the highest level in it
-                for k, rgb in enumerate(frames):
-                    i = c * self.W + k
-                    if i >= self.play_index:
-                        self.ready[i] = rgb
-                    else:
-                        self.counts["dropped_late"] += 1
+                self._put(c, info.get("first", 0), frames)
         if self._loop is not None and not self.closed:  # room in the queue: form waiting chunks
             self._loop.call_soon_threadsafe(self._form_chunks)
 

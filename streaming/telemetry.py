@@ -94,7 +94,7 @@ TABLE = {
 # the schema's fields that the live table leaves out (the CSV has them all)
 CSV_MORE = ["batch", "replica", "deadline_ms", "send_ms", "ready_frames", "dropped_late", "gap_fill_ms", "level", "jobs_in_flight",
             "level_name", "playout_delay_ms", "cache", "frames_out", "speech_frames", "idle_frames", "samples_in",
-            "pushes", "errors"]
+            "pushes", "errors", "decode_ms", "first_ready_ms"]
 
 
 def format_row(msg: dict) -> str:

@@ -15,6 +15,15 @@ one chunk grid: `aligned_start`). Sessions join and leave between chunks; each k
 latents and noise stream. The server side predicts finishes by rounds of batches and admits sessions by
 the measured batch times (`sessions_supported`).
 
+Two stages: the main thread denoises (audio features and the DiT), a second thread decodes the latents to
+frames (`DecodeStage`, `[live] pipeline_decode`). The next chunk needs only the last chunk's latents (its
+motion), so the DiT of chunk c + 1 runs while chunk c is decoded, on the core the worker's one torch thread
+leaves free. Measured on this 2-core machine (docs/live/stop15/stages.json: bf16, one thread each, 10 live
+steps): DiT 54.3 ms and decode 29.5 ms alone, 67.5 and 32.4 ms side by side on two threads (the GIL costs
+the DiT ~24%; two processes cost ~2% but need a second model and its own start-up). The worker keeps up
+while the slower stage fits a chunk period. The decoder does each chunk's first frame first and reports it
+at once (FirstFrame): it is due 40 ms before the next.
+
 The cache has levels for the backpressure policy: level 0 is the configured method (SyncCache's offline
 schedule by default), level 1 the higher-ratio `boost_cache`; the worker re-attaches hooks when the level
 changes, and resets the cache before every chunk or batch (banking residuals across chunks only for a
@@ -61,13 +70,16 @@ class IdleLoop:
 
 @dataclass
 class Job:
-    """One chunk of one session to generate; `done(frames | None, info)` runs on the engine's reader thread."""
+    """One chunk of one session to generate. On the engine's reader thread: `early(frames, ready)` with the
+    chunk's first frame as soon as it is decoded, then `done(frames | None, info)` with the frames after it
+    (info["first"]: the index of frames[0] in the chunk). Without `early`, done gets all the frames."""
     session: str
     avatar: str
     window: np.ndarray  # float32 16 kHz audio of the chunk with its look-back / look-ahead context
     level: int
     idle_motion: int | None  # continue from the idle frames shown before global frame idle_motion
     done: callable
+    early: callable = None
 
 
 # --- messages between the server and the worker process ----------------------------------------------
@@ -103,6 +115,9 @@ class Ready:
     batch_ms: list  # per cache level, ms of one batch of B = 1..max_batch chunks (None: not batchable)
     audio_backend: str = "torch"  # the audio path's backend the worker runs (engine/audio_path.py)
     audio_backend_ms: dict = None  # auto's timings of one level-0 chunk per candidate backend, ms
+    decode_ms: list = None  # ms of decoding a batch of B = 1..max_batch chunks
+    first_ms: list = None  # of which the first frame of each chunk (decoded first)
+    pipelined: bool = False  # decoding runs beside the next batch's DiT (DecodeStage)
 
 
 @dataclass
@@ -111,10 +126,19 @@ class StartFailed:
 
 
 @dataclass
+class FirstFrame:
+    """A chunk's first frame, decoded before the others (it is due first)."""
+    job: int
+    frames: np.ndarray  # uint8 [1, 128, 128, 3]
+    ready: float  # monotonic time it was ready
+
+
+@dataclass
 class ChunkDone:
     job: int
-    frames: np.ndarray | None  # None: the chunk failed (info["error"])
+    frames: np.ndarray | None  # None: the chunk failed (info["error"]); else the chunk's frames from `first` on
     info: dict
+    first: int = 0  # frames before this index came in a FirstFrame
 
 
 @dataclass
@@ -152,6 +176,7 @@ class GenerationWorker:
         self._speaking = {}  # session -> last time it asked when a speech chunk would be ready
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
+        self._heads: dict[int, np.ndarray] = {}  # first frames held for jobs without an `early` callback
         self._next_id = 0
         self._idle: collections.OrderedDict[str, IdleLoop] = collections.OrderedDict()  # least recently used first
         self.max_idle_loops = max(1, config.server.idle_loops)
@@ -168,8 +193,12 @@ class GenerationWorker:
         self.precision = msg.precision  # what the worker generates in: "bf16" or "fp32" (auto: the faster here)
         self.audio_backend = msg.audio_backend  # the audio path's backend (auto: the fastest timed here)
         self.audio_backend_ms = msg.audio_backend_ms or {}
-        # per level, ms of a batch of B chunks (index B - 1), measured at start-up then a running mean
+        # per level, ms a round of B chunks (index B - 1) holds the worker, measured at start-up then a
+        # running mean: both stages in sequence, or the slower one when decoding is pipelined
         self.batch_ms = [list(b) if b else [self.gen_ms[lvl]] for lvl, b in enumerate(msg.batch_ms)]
+        self.pipelined = msg.pipelined
+        self.decode_ms = list(msg.decode_ms or [0.0])  # per batch size: decoding all frames
+        self.first_ms = list(msg.first_ms or [0.0])  # per batch size: decoding the chunks' first frames
         self.closed = False
         self._reader = threading.Thread(target=self._read, name="syncavatar-results", daemon=True)
         self._reader.start()
@@ -198,7 +227,8 @@ class GenerationWorker:
             return now - (now - self._grid0) % period
 
     def predict_finish(self, level: int, now: float, session: str | None = None) -> float:
-        """When a chunk of `session` submitted now at this cache level would be ready (monotonic seconds).
+        """When the first frame of a chunk of `session` submitted now at this cache level would be ready
+        (monotonic seconds; it is the frame due first).
 
         The worker runs rounds of batches with one chunk per session: the chunk waits for as many rounds
         as its session has chunks pending, each round costing the batch time of the sessions in it. Every
@@ -215,7 +245,14 @@ class GenerationWorker:
                 elif other != session and other not in per:
                     per[other] = 1
         per[session] += 1
-        return now + self.rounds_ms(level, per) / 1000
+        return now + (self.rounds_ms(level, per) + self.tail_ms(len(per))) / 1000
+
+    def tail_ms(self, size: int) -> float:
+        """From the end of a round's hold on the worker (batch_ms) to its chunks' first frames ready: their
+        decoding when decoding is pipelined (the round held the slower stage), else minus the decoding of
+        the frames after them (the round held both stages, and the first frames come out before the rest)."""
+        k = min(size, len(self.decode_ms), len(self.first_ms)) - 1
+        return self.first_ms[k] - (0.0 if self.pipelined else self.decode_ms[k])
 
     def rounds_ms(self, level: int, per_session: dict) -> float:
         """ms to work through per_session[s] chunks of each session s, in batches of one per session."""
@@ -237,10 +274,11 @@ class GenerationWorker:
         its round of one chunk per session takes there): a round must fit HEADROOM of a chunk period
         and, with the batch wait, the slack between a chunk's audio arriving and its first frame going
         out (latency). (0, None, ms) when not even one session fits (a CPU slower than real time)."""
-        budget = min(HEADROOM * self.chunk_ms(), slack_ms - self.config.live.batch_wait_ms)
+        period, slack = HEADROOM * self.chunk_ms(), slack_ms - self.config.live.batch_wait_ms
         best = (0, None, self.batch_estimate_ms(0, 1))
         for n in range(1, 65):
-            fits = [lvl for lvl in range(len(self.batch_ms)) if self.batch_estimate_ms(lvl, n) <= budget]
+            fits = [lvl for lvl in range(len(self.batch_ms)) if self.batch_estimate_ms(lvl, n) <= period
+                    and self.batch_estimate_ms(lvl, n) + self.tail_ms(n) <= slack]
             if not fits:
                 break
             best = (n, fits[0], self.batch_estimate_ms(fits[0], n))
@@ -315,18 +353,23 @@ class GenerationWorker:
                 return
             if msg is None:
                 return
-            if isinstance(msg, ChunkDone):
+            if isinstance(msg, FirstFrame):
+                with self._lock:
+                    job = self._jobs.get(msg.job)
+                if job.early is not None:
+                    job.early(msg.frames, msg.ready)
+                else:
+                    self._heads[msg.job] = msg.frames
+            elif isinstance(msg, ChunkDone):
                 if msg.frames is not None and msg.info.get("batch_index", 0) == 0:  # once per batch
-                    lvl, ms, n = msg.info["level"], msg.info["gen_ms"], msg.info.get("batch", 1)
-                    if n == 1:
-                        prev = self.gen_ms[lvl]
-                        self.gen_ms[lvl] = ms if prev is None else 0.8 * prev + 0.2 * ms
-                    if n <= len(self.batch_ms[lvl]):
-                        self.batch_ms[lvl][n - 1] = 0.8 * self.batch_ms[lvl][n - 1] + 0.2 * ms
+                    self._learn(msg.info)
                 with self._lock:
                     job = self._jobs.pop(msg.job)
                     self.pending -= 1
-                job.done(msg.frames, msg.info)
+                head, frames, first = self._heads.pop(msg.job, None), msg.frames, msg.first
+                if head is not None and frames is not None:
+                    frames, first = np.concatenate([head, frames]), 0
+                job.done(frames, msg.info | {"first": first})
             elif isinstance(msg, IdleDone):
                 loop = None if msg.frames is None else IdleLoop(msg.frames)
                 if loop is not None:
@@ -335,6 +378,20 @@ class GenerationWorker:
                     waiters = self._idle_wait.pop(msg.avatar, [])
                 for fn in waiters:
                     fn(loop)
+
+    def _learn(self, info: dict) -> None:
+        """Running means of the measured times of a finished batch (alone: its latency as gen_ms)."""
+        lvl, n, dit, dec = info["level"], info.get("batch", 1), info["dit_ms"], info["decode_ms"]
+        if n <= len(self.first_ms):
+            self.first_ms[n - 1] = 0.8 * self.first_ms[n - 1] + 0.2 * info["first_ms"]
+        if n == 1:
+            prev = self.gen_ms[lvl]
+            self.gen_ms[lvl] = dit + dec if prev is None else 0.8 * prev + 0.2 * (dit + dec)
+        if n <= len(self.batch_ms[lvl]):
+            held = max(dit, dec) if self.pipelined else dit + dec
+            self.batch_ms[lvl][n - 1] = 0.8 * self.batch_ms[lvl][n - 1] + 0.2 * held
+        if n <= len(self.decode_ms):
+            self.decode_ms[n - 1] = 0.8 * self.decode_ms[n - 1] + 0.2 * dec
 
     def close(self):
         if self.closed:
@@ -425,18 +482,8 @@ class _Worker:
             gen.motion = lat[idx][None]
 
     def chunk(self, session, avatar, window, level, idle_motion):
-        gen = self.generator(session, avatar)
-        self.use_level(level, session)
-        self.steps_since()
-        gen.fixed_noise = bool(getattr(self.levels[level], "stream", False))
-        self._from_idle(gen, avatar, idle_motion)
-        start = time.monotonic()
-        with self.autocast():
-            frames = gen.chunk(self.torch.from_numpy(window), self.offset)
-        end = time.monotonic()
-        computed, reused = self.steps_since()
-        return frames, {"gen_start": start, "gen_end": end, "gen_ms": (end - start) * 1000,
-                        "computed_steps": computed, "reused_steps": reused, "level": level, "batch": 1}
+        """One chunk alone, both stages in sequence -> (frames, info)."""
+        return self.chunks([ChunkRequest(-1, session, avatar, window, level, idle_motion)])[0]
 
     def batchable(self, level) -> bool:
         """Chunks of several sessions may share a batch at this level: no cache, or SyncCache following its
@@ -447,26 +494,54 @@ class _Worker:
         return c is None or (isinstance(c, SyncCacheConfig) and c.schedule is not None and not c.stream)
 
     def chunks(self, reqs: list) -> list:
-        """Chunks of different sessions -> [(frames, info)]: one batch at the highest cache level they ask
-        for where that level may batch, else one after another at their own levels."""
+        """Chunks of different sessions, both stages in sequence -> [(frames, info)] in the order of reqs."""
+        return [out for d in self.denoise(reqs) for out in self.decode(d)]
+
+    def denoise(self, reqs: list) -> list:
+        """The DiT stage -> [Denoised]: one batch at the highest cache level the chunks ask for where that
+        level may batch, else one chunk after another at their own levels."""
+        from engine.generator import denoise_batch
         level = max(r.level for r in reqs)
-        if len(reqs) == 1 or not self.batchable(level):
-            return [self.chunk(r.session, r.avatar, r.window, r.level, r.idle_motion) for r in reqs]
-        from engine.generator import chunk_batch
+        if len(reqs) > 1 and not self.batchable(level):
+            return [d for r in reqs for d in self.denoise([r])]
         gens = [self.generator(r.session, r.avatar) for r in reqs]
+        if len(reqs) == 1:  # alone: a streaming cache may bank residuals for this session's next chunk
+            self.use_level(level, reqs[0].session)
+            gens[0].fixed_noise = bool(getattr(self.levels[level], "stream", False))
+        else:
+            self.use_level(level, None)  # a batch owns no residuals across chunks
+            for g in gens:
+                g.fixed_noise = False
         for g, r in zip(gens, reqs):
-            g.fixed_noise = False
             self._from_idle(g, r.avatar, r.idle_motion)
-        self.use_level(level, None)  # a batch owns no residuals across chunks
         self.steps_since()
         start = time.monotonic()
         with self.autocast():
-            frames = chunk_batch(gens, [self.torch.from_numpy(r.window) for r in reqs], [self.offset] * len(reqs))
-        end = time.monotonic()
+            z = denoise_batch(gens, [self.torch.from_numpy(r.window) for r in reqs], [self.offset] * len(reqs))
+        dit_ms = (time.monotonic() - start) * 1000
         computed, reused = self.steps_since()
-        info = {"gen_start": start, "gen_end": end, "gen_ms": (end - start) * 1000, "computed_steps": computed,
-                "reused_steps": reused, "level": level, "batch": len(reqs)}
-        return [(f, info | {"batch_index": i}) for i, f in enumerate(frames)]
+        return [Denoised([r.job for r in reqs], gens, z, {
+            "gen_start": start, "dit_ms": dit_ms, "computed_steps": computed, "reused_steps": reused,
+            "level": level, "batch": len(reqs)})]
+
+    def decode(self, d: "Denoised", early=None) -> list:
+        """The decoder stage -> [(frames, info)] per chunk. The first frame of every chunk is decoded first
+        (it is due first; the others follow 40 ms apart): early(job, first frames, when ready), if given, gets
+        it before the rest are decoded (docs/live/stop15/stages.json: 9.9 + 22.0 ms, 4 at once 29.3). info: the DiT stage's plus first_ms / decode_ms (first frame / all), gen_end / gen_ms
+        (all frames ready, counted from the DiT stage's start, any wait for the decoder included)."""
+        from engine.generator import decode_batch
+        start = time.monotonic()
+        with self.torch.no_grad(), self.autocast():
+            heads = decode_batch(d.gens, d.z[:, :1])
+            first = time.monotonic()
+            if early is not None:
+                for job, f in zip(d.jobs, heads):
+                    early(job, f, first)
+            rests = decode_batch(d.gens, d.z[:, 1:]) if d.z.shape[1] > 1 else [f[:0] for f in heads]
+        end = time.monotonic()
+        info = d.info | {"first_ms": (first - start) * 1000, "decode_ms": (end - start) * 1000, "gen_end": end,
+                         "gen_ms": (end - d.info["gen_start"]) * 1000}
+        return [(np.concatenate([h, r]), info | {"batch_index": i}) for i, (h, r) in enumerate(zip(heads, rests))]
 
     def idle(self, avatar):
         """Generate idle_chunks chunks from silence, continuing motion: the avatar's idle loop."""
@@ -483,6 +558,63 @@ class _Worker:
         del self.gens[("idle", avatar)]
         self.idle_latents[avatar] = self.torch.cat(latents)
         return np.concatenate(frames)
+
+
+@dataclass
+class Denoised:
+    """A batch between the worker's two stages: denoised (motion carried), not decoded yet."""
+    jobs: list  # job ids, one per chunk
+    gens: list  # the chunks' generators (their portraits' features decode them)
+    z: object  # torch latents [B, W, C, h, w]
+    info: dict  # gen_start, dit_ms, computed_steps, reused_steps, level, batch
+
+
+class DecodeStage:
+    """Decodes denoised batches and reports them (ChunkDone on the out queue): on a thread of its own while
+    the main thread denoises the next batch, or inline (threaded=False: the stages in sequence)."""
+
+    def __init__(self, w: "_Worker", outq, threaded: bool):
+        self.w, self.outq = w, outq
+        self.q = queue.Queue() if threaded else None
+        self.thread = None
+        if threaded:
+            self.thread = threading.Thread(target=self._run, name="syncavatar-decode", daemon=True)
+            self.thread.start()
+
+    def put(self, d: Denoised) -> None:
+        if self.q is None:
+            self._report(d)
+        else:
+            self.q.put(d)
+
+    def _run(self):
+        if self.w.config.live.worker_threads > 0:  # torch's thread count is per thread: set it here too
+            self.w.torch.set_num_threads(self.w.config.live.worker_threads)
+        while (d := self.q.get()) is not None:
+            self._report(d)
+
+    def _report(self, d: Denoised) -> None:
+        """FirstFrame of each chunk as soon as it is decoded, then ChunkDone with the frames after it."""
+        sent = set()
+
+        def early(job, frames, ready):
+            self.outq.put(FirstFrame(job, frames, ready))
+            sent.add(job)
+        try:
+            results = self.w.decode(d, early)
+        except Exception as e:  # its sessions show idle frames (the first ones, if sent); the worker goes on
+            import traceback
+            traceback.print_exc()
+            results = [(None, d.info | {"error": f"{type(e).__name__}: {e}"})] * len(d.jobs)
+        for job, (frames, info) in zip(d.jobs, results):
+            first = 1 if job in sent else 0
+            self.outq.put(ChunkDone(job, frames if frames is None else frames[first:], info, first))
+
+    def close(self) -> None:
+        """Decode what is queued, then stop."""
+        if self.thread is not None:
+            self.q.put(None)
+            self.thread.join(timeout=30)
 
 
 def _pick_precision(w: _Worker, silence, rounds=3) -> str:
@@ -513,16 +645,18 @@ def _pick_audio_backend(w: _Worker, silence) -> dict:
     return info
 
 
-def time_batches(w: _Worker, silence, level: int, max_batch: int, single_ms: float, rounds: int = 2):
-    """[ms of a batch of B = 1..max_batch silent warm-up chunks] at a cache level (median of `rounds`);
-    None where the level cannot batch (its chunks then run one after another)."""
-    if max_batch <= 1 or not w.batchable(level):
-        return None
-    out = [single_ms]
-    for n in range(2, max_batch + 1):
+def time_batches(w: _Worker, silence, level: int, max_batch: int, rounds: int = 2):
+    """([DiT-stage ms], [decode ms], [first-frame decode ms]) of a batch of B = 1..max_batch silent warm-up
+    chunks at a cache level (median of `rounds`); B = 1 only where the level cannot batch (its chunks then
+    run one after another)."""
+    dit, dec, first = [], [], []
+    for n in range(1, (max_batch if w.batchable(level) else 1) + 1):
         reqs = [ChunkRequest(-1, f"warmup{b}", w.config.engine.avatar, silence, level, None) for b in range(n)]
-        out.append(float(np.median([w.chunks(reqs)[0][1]["gen_ms"] for _ in range(rounds)])))
-    return out
+        infos = [w.chunks(reqs)[0][1] for _ in range(rounds)]
+        dit.append(float(np.median([i["dit_ms"] for i in infos])))
+        dec.append(float(np.median([i["decode_ms"] for i in infos])))
+        first.append(float(np.median([i["first_ms"] for i in infos])))
+    return dit, dec, first
 
 
 def next_batch(first: ChunkRequest, backlog: collections.deque, max_batch: int) -> list:
@@ -579,19 +713,30 @@ def _worker_main(config: Config, inq, outq):
         if config.live.precision == "auto":
             _pick_precision(w, silence)
         audio = _pick_audio_backend(w, silence)
-        gen_ms = []
-        for level in range(len(w.levels)):
-            gen_ms.append(float(np.median([w.chunk("warmup", config.engine.avatar, silence, level, None)[1]["gen_ms"]
-                                           for _ in range(3)])))
-        batch_ms = [time_batches(w, silence, level, config.live.max_batch, gen_ms[level])
-                    for level in range(len(w.levels))]
+        pipelined = config.live.pipeline_decode
+        times = [time_batches(w, silence, level, max(1, config.live.max_batch), rounds=3)
+                 for level in range(len(w.levels))]
+        gen_ms = [dit[0] + dec[0] for dit, dec, _ in times]  # one chunk alone, all frames after both stages
+        # a round holds the worker for its slower stage when pipelined, for both stages in sequence if not
+        batch_ms = [[max(a, b) if pipelined else a + b for a, b in zip(dit, dec)] for dit, dec, _ in times]
+        _, decode_ms, first_ms = max(times, key=lambda t: len(t[1]))  # decoding costs the same at every level
         for b in range(config.live.max_batch):
             w.gens.pop(f"warmup{b}", None)
         w.gens.pop("warmup", None)
     except Exception as e:
         outq.put(StartFailed(f"{type(e).__name__}: {e}"))
         return
-    outq.put(Ready(gen_ms, "bf16" if w.bf16 else "fp32", batch_ms, audio["backend"], audio["ms"]))
+    outq.put(Ready(gen_ms, "bf16" if w.bf16 else "fp32", batch_ms, audio["backend"], audio["ms"], decode_ms,
+                   first_ms, pipelined))
+    stage = DecodeStage(w, outq, threaded=pipelined)
+    try:
+        _serve(w, config, inq, outq, stage)
+    finally:
+        stage.close()
+
+
+def _serve(w: _Worker, config: Config, inq, outq, stage: DecodeStage):
+    """The worker's loop: batch the chunks that are due, denoise them, hand them to the decode stage."""
     parent = mp.parent_process()
     backlog = collections.deque()
     last_seen = {}  # session -> when the worker last received one of its chunks
@@ -624,13 +769,15 @@ def _worker_main(config: Config, inq, outq):
             for r in batch:  # those that arrived while gathering are active too
                 last_seen[r.session] = time.monotonic()
             try:
-                results = w.chunks(batch)
+                denoised = w.denoise(batch)
             except Exception as e:  # one bad chunk must not kill the worker: its sessions show idle
                 import traceback
                 traceback.print_exc()
-                results = [(None, {"error": f"{type(e).__name__}: {e}", "level": r.level}) for r in batch]
-            for r, (frames, info) in zip(batch, results):
-                outq.put(ChunkDone(r.job, frames, info))
+                for r in batch:
+                    outq.put(ChunkDone(r.job, None, {"error": f"{type(e).__name__}: {e}", "level": r.level}))
+                continue
+            for d in denoised:
+                stage.put(d)
         elif isinstance(msg, IdleRequest):
             try:
                 outq.put(IdleDone(msg.avatar, w.idle(msg.avatar), None))

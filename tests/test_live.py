@@ -184,6 +184,38 @@ def test_session_frames_carry_their_own_audio_and_every_chunk_is_reported():
     assert not [m for m in msgs if m["type"] == "decision"]  # fast enough: no backpressure
 
 
+class FirstFrameEngine(FakeEngine):
+    """FakeEngine that sends a chunk's first frame early (Job.early) and the other three later, as the
+    worker's decode stage does; frame k of a chunk is filled with 100 + k."""
+
+    def submit(self, job):
+        self.pending += 1
+        self.jobs.append(job)
+
+        def run():
+            frames = (100 + np.arange(4, dtype=np.uint8))[:, None, None, None].repeat(128, 1).repeat(128, 2)
+            frames = frames.repeat(3, 3)
+            start = time.monotonic()
+            time.sleep(0.02)
+            job.early(frames[:1], time.monotonic())
+            time.sleep(0.02)
+            self.pending -= 1
+            job.done(frames[1:], {"gen_start": start, "gen_end": time.monotonic(), "computed_steps": 10,
+                                  "reused_steps": 0, "level": job.level, "first": 1, "decode_ms": 30.0})
+        threading.Thread(target=run, daemon=True).start()
+
+
+def test_a_chunks_first_frame_sent_early_and_the_rest_land_in_place():
+    engine = FirstFrameEngine({0: 40, 1: 30})
+    s, frames, msgs = asyncio.run(_run_session(engine, _loud_audio(3.0), 2.4))
+    speech = [f for f in frames if f.kind == "speech"]
+    assert len(speech) >= 20
+    assert all(int(f.rgb[0, 0, 0]) == 100 + f.index % 4 for f in speech)  # frame k of its chunk, each in place
+    recs = [m for m in msgs if m["type"] == "chunk" and m.get("kind") == "speech"]
+    assert recs and all(m["gen_start_ms"] < m["first_ready_ms"] < m["gen_end_ms"] for m in recs)
+    assert all(m["decode_ms"] == 30.0 for m in recs)
+
+
 class SimClock:
     """A session clock the test moves by hand (seconds)."""
 

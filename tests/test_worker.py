@@ -32,6 +32,7 @@ def test_next_batch_one_chunk_per_session_in_order():
 def _worker(batch_ms):
     w = GenerationWorker.__new__(GenerationWorker)  # the server-side bookkeeping only, no process
     w.batch_ms, w._jobs, w.pending, w._speaking = batch_ms, {}, 0, {}
+    w.pipelined, w.decode_ms, w.first_ms, w._heads = False, [0.0], [0.0], {}
     import threading
     w._lock = threading.Lock()
     return w
@@ -66,6 +67,60 @@ def test_predictions_count_rounds_of_batches():
     assert w.predict_finish(0, 10.6, "d") == pytest.approx(10.6 + 0.1)  # they have been silent 0.5 s
     seq = _worker([[100.0]])  # a level that cannot batch
     assert seq.rounds_ms(0, {"a": 1, "b": 1}) == 200.0
+
+
+def test_predictions_are_for_the_first_frame_of_a_chunk():
+    """A chunk's first frame is due first and decoded first. Pipelined (decoding beside the next batch's DiT),
+    a round holds the worker for its slower stage (batch_ms) and the first frames follow it by their decode;
+    in sequence a round holds both stages and the first frames come out before the rest is decoded."""
+    w = _worker([[60.0, 90.0]])  # max(DiT, decode) of a batch of 1, 2
+    w.pipelined, w.decode_ms, w.first_ms = True, [30.0, 55.0], [10.0, 18.0]
+    assert w.predict_finish(0, 10.0, "a") == pytest.approx(10.0 + 0.06 + 0.01)
+    from streaming.worker import Job
+    w._jobs = {1: Job("a", "0", None, 0, None, None)}
+    assert w.predict_finish(0, 10.0, "a") == pytest.approx(10.0 + 0.12 + 0.01)  # its earlier chunk first
+    assert w.predict_finish(0, 10.0, "b") == pytest.approx(10.0 + 0.09 + 0.018)  # a and b in one batch
+    w.cfg = type("DiTConfig", (), {"frames": 4})()
+    w.config = type("Config", (), {"live": type("Live", (), {"batch_wait_ms": 30})()})()
+    assert w.sessions_supported(slack_ms=200) == (2, 0, 90.0)  # 90 <= 136 ms a period, 90 + 18 <= 170
+    assert w.sessions_supported(slack_ms=130)[0] == 1  # 90 + 18 > 100 ms of slack: one session only
+    w.pipelined, w.batch_ms = False, [[90.0, 145.0]]  # in sequence: DiT + decode
+    assert w.predict_finish(0, 10.6, "a") == pytest.approx(10.6 + 0.09 + 0.09 - 0.03 + 0.01)  # b silent
+
+
+def test_learning_keeps_each_stage_apart():
+    w = _worker([[100.0, 150.0]])
+    w.gen_ms, w.decode_ms, w.first_ms, w.pipelined = [100.0], [30.0, 50.0], [10.0, 15.0], True
+    w._learn({"level": 0, "batch": 2, "dit_ms": 80.0, "decode_ms": 60.0, "first_ms": 20.0})
+    assert w.batch_ms[0][1] == pytest.approx(0.8 * 150 + 0.2 * 80)  # the slower stage
+    assert w.decode_ms[1] == pytest.approx(0.8 * 50 + 0.2 * 60) and w.gen_ms == [100.0]
+    assert w.first_ms[1] == pytest.approx(0.8 * 15 + 0.2 * 20)
+    w.pipelined = False
+    w._learn({"level": 0, "batch": 1, "dit_ms": 70.0, "decode_ms": 30.0, "first_ms": 10.0})
+    assert w.batch_ms[0][0] == pytest.approx(100.0) and w.gen_ms[0] == pytest.approx(100.0)  # both stages
+
+
+def test_reader_gives_first_frames_early_or_with_the_rest():
+    """The server side: a job with an `early` callback gets its first frame at once and the rest after; a
+    job without one gets all its frames in `done`."""
+    from streaming.worker import ChunkDone, FirstFrame, Job
+    w = _worker([[100.0]])
+    w.gen_ms, w._out = [100.0], __import__("queue").Queue()
+    calls = []
+    w._jobs = {1: Job("a", "0", None, 0, None, lambda f, i: calls.append(("done a", f[:, 0, 0, 0].tolist(), i["first"])),
+                      lambda f, t: calls.append(("early a", f[:, 0, 0, 0].tolist(), t))),
+               2: Job("b", "0", None, 0, None, lambda f, i: calls.append(("done b", f[:, 0, 0, 0].tolist(), i["first"])))}
+    w.pending = 2
+    frames = np.arange(4, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
+    info = {"level": 0, "batch": 2, "dit_ms": 50.0, "decode_ms": 30.0, "first_ms": 10.0}
+    for job in (1, 2):
+        w._out.put(FirstFrame(job, frames[:1], 5.0))
+    for job in (1, 2):
+        w._out.put(ChunkDone(job, frames[1:], info | {"batch_index": job - 1}, first=1))
+    w._out.put(None)
+    w._read()
+    assert calls == [("early a", [0], 5.0), ("done a", [1, 2, 3], 1), ("done b", [0, 1, 2, 3], 0)]
+    assert w.pending == 0 and not w._heads
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +255,50 @@ def test_bench_batch_reports_both_ways(tmp_path, capsys):
         assert row["max_latent_diff"] <= 1e-4 and row["separate_chunk_ms"] > 0 and row["batched_chunk_ms"] > 0
     assert main(["bench", "batch", "--sizes", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_decode_stage_on_its_thread_gives_the_frames_inline_decoding_gives():
+    """The worker's two stages (streaming.worker.DecodeStage): two sessions, three chunks each, denoised as
+    batches and decoded on the stage's own thread come out bit-identical, chunk for chunk, to the same
+    batches decoded inline; a batch that fails to decode reports an error for each of its chunks and the
+    stage goes on."""
+    import queue
+
+    from engine.config import load_config
+    from streaming.worker import ChunkDone, DecodeStage, Denoised, FirstFrame, _Worker
+    cfg = load_config()
+    w = _Worker(cfg)
+    rng = np.random.default_rng(1)
+    windows = [(0.1 * rng.standard_normal((w.cfg.audio_frames + 2) * 640)).astype(np.float32) for _ in range(6)]
+    got = {}
+    for threaded in (False, True):
+        w.gens.clear()
+        outq = queue.Queue()
+        stage = DecodeStage(w, outq, threaded)
+        for c in range(3):
+            for d in w.denoise([ChunkRequest(2 * c, "a", "0", windows[2 * c], 0, None),
+                                ChunkRequest(2 * c + 1, "b", "5", windows[2 * c + 1], 0, None)]):
+                stage.put(d)
+        bad = Denoised([90, 91], [w.gens["a"], w.gens["b"]], torch.zeros(2, 1), {"level": 0, "batch": 2})
+        stage.put(bad)
+        stage.put(w.denoise([ChunkRequest(6, "a", "0", windows[0], 1, None)])[0])
+        stage.close()
+        msgs = [outq.get_nowait() for _ in range(outq.qsize())]
+        heads = {m.job: m for m in msgs if isinstance(m, FirstFrame)}
+        done = [m for m in msgs if isinstance(m, ChunkDone)]
+        assert len(done) == 9 and len(heads) == 7 and len(msgs) == 16  # the failed batch sent no first frame
+        got[threaded] = {m.job: m for m in done}
+        for job in heads:  # each chunk's first frame comes before its ChunkDone with the other three
+            assert msgs.index(heads[job]) < msgs.index(got[threaded][job]) and got[threaded][job].first == 1
+        assert got[threaded][90].frames is None and "error" in got[threaded][91].info
+        info = got[threaded][1].info
+        assert info["batch"] == 2 and info["batch_index"] == 1 and info["gen_end"] >= info["gen_start"]
+        assert {"dit_ms", "decode_ms", "first_ms", "gen_ms"} <= set(info)
+        got[threaded] = {j: np.concatenate([heads[j].frames, m.frames]) for j, m in got[threaded].items() if j in heads}
+    alone = w.chunks([ChunkRequest(-1, "c", "0", windows[0], 0, None)])[0][0]  # all four frames at once
+    w.gens.clear()
+    again = w.chunks([ChunkRequest(-1, "c", "0", windows[0], 0, None)])[0][0]
+    assert alone.shape[0] == 4 and np.array_equal(alone, again)
+    for job in (0, 1, 2, 3, 4, 5, 6):
+        assert got[False][job].shape[0] == 4 and np.array_equal(got[False][job], got[True][job]), job
+    assert not np.array_equal(got[True][0], got[True][2])  # other audio, other frames
