@@ -527,11 +527,12 @@ class _Worker:
     def decode(self, d: "Denoised", early=None) -> list:
         """The decoder stage -> [(frames, info)] per chunk. The first frame of every chunk is decoded first
         (it is due first; the others follow 40 ms apart): early(job, first frames, when ready), if given, gets
-        it before the rest are decoded (docs/live/stop15/stages.json: 9.9 + 22.0 ms, 4 at once 29.3). info: the DiT stage's plus first_ms / decode_ms (first frame / all), gen_end / gen_ms
-        (all frames ready, counted from the DiT stage's start, any wait for the decoder included)."""
+        it before the rest are decoded (docs/live/stop15/stages.json: 9.9 + 22.0 ms, 4 at once 29.3).
+        info: the DiT stage's plus first_ms / decode_ms (first frame / all), gen_end / gen_ms (all frames
+        ready, counted from the DiT stage's start, any wait for the decoder included)."""
         from engine.generator import decode_batch
         start = time.monotonic()
-        with self.torch.no_grad(), self.autocast():
+        with self.autocast():  # decode_batch runs without autograd
             heads = decode_batch(d.gens, d.z[:, :1])
             first = time.monotonic()
             if early is not None:
