@@ -495,7 +495,7 @@ def summarize(timeline: list[dict], thresholds: dict, latency_est_ms=None, error
         "late_frames": sum(iv.get("late_frames") or 0 for iv in timeline),
         "dropped_late": sum(iv.get("dropped_late") or 0 for iv in timeline),
         "chunks_speech": sum(iv.get("chunks_speech") or 0 for iv in timeline),
-        "chunks_skipped": sum(iv.get("chunks_skipped") or 0 for iv in timeline),  # the policy's level 2
+        "chunks_skipped": sum(iv.get("chunks_skipped") or 0 for iv in timeline),  # the policy skipped them (its top level)
         "chunks_late": sum(iv.get("chunks_late") or 0 for iv in timeline),
         "errors": sum(errors_detail.values()), "errors_detail": errors_detail,
         "rejected": sum(rejected_by_status.values()), "rejected_by_status": rejected_by_status,

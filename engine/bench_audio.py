@@ -89,8 +89,8 @@ def bench_audio(model, cfg, backends=None, rounds=5, threads=1, precision="bf16"
         paths[n] = audio_path.make(n, model, device=dev)
         setup_s[n] = time.perf_counter() - t0
         parity[n] = _parity(model, paths[n], window)
-    live = cache_config("synccache", cfg.live.steps, schedule=cfg.path(cfg.live.schedule),
-                        stream_schedule=cfg.path(cfg.live.schedule), calibration=cfg.path(cfg.cache.calibration))
+    live = cache_config("synccache", cfg.live.steps, schedule=cfg.path(cfg.live.levels[0].schedule),
+                        stream_schedule=cfg.path(cfg.live.levels[0].schedule), calibration=cfg.path(cfg.cache.calibration))
     layout = reference_layout(model.dit)
     reuse_all = SyncCacheConfig(schedule=_all_reuse(cfg.live.steps, layout.spans()),
                                 forecast=live.forecast)
@@ -137,7 +137,7 @@ def bench_audio(model, cfg, backends=None, rounds=5, threads=1, precision="bf16"
     default = min(auto, key=lambda n: (out[n][speed], auto.index(n))) if auto else None
     return {"backends": out, "parity_max_abs": parity, "default": default, "auto_candidates": auto,
             "unavailable": skipped, "precision": precision, "threads": threads, "rounds": rounds,
-            "steps": cfg.live.steps, "guidance": guidance, "schedule": cfg.live.schedule,
+            "steps": cfg.live.steps, "guidance": guidance, "schedule": cfg.live.levels[0].schedule,
             "audio_blocks": len(model.dit.audio_blocks), "device": str(dev),
             "cpu": _cpu() if cpu else torch.cuda.get_device_name(dev)}
 

@@ -33,8 +33,8 @@ def bench_batch(model, cfg, sizes=(1, 2, 4), rounds=5, threads=1, precision="fp3
     from engine.caching import attach, cache_config
     from engine.generator import chunk_batch
     torch.set_num_threads(threads)
-    cache = cache_config("synccache", cfg.live.steps, schedule=cfg.path(cfg.live.schedule),
-                         stream_schedule=cfg.path(cfg.live.schedule), calibration=cfg.path(cfg.cache.calibration))
+    cache = cache_config("synccache", cfg.live.steps, schedule=cfg.path(cfg.live.levels[0].schedule),
+                         stream_schedule=cfg.path(cfg.live.levels[0].schedule), calibration=cfg.path(cfg.cache.calibration))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     rng = np.random.default_rng(0)
     n_max = max(sizes)

@@ -41,13 +41,25 @@ class CacheConfig:
 
 
 @dataclass
+class LevelConfig:
+    """One level of the live backpressure ladder: how a chunk is denoised there."""
+    cache: str = "synccache"  # a cache method (engine.caching.METHODS)
+    schedule: str = ""  # SyncCache's offline DP plan, solved for [live] steps ("" for methods without one)
+    guidance: float | None = None  # classifier-free guidance; None: [model] guidance (1.0 = off, half the batch)
+
+    def name(self) -> str:
+        """The level in telemetry: the method, its plan, and the guidance where it differs."""
+        name = f"{self.cache} ({Path(self.schedule).stem})" if self.schedule else self.cache
+        return name if self.guidance is None else f"{name}, guidance {self.guidance:g}"
+
+
+@dataclass
 class LiveConfig:
     """The live session pipeline (streaming/session.py)."""
     steps: int = 10  # Euler steps per live chunk (uncached dev sync_conf: 0.792 at 10 steps, 0.799 at 20)
-    cache: str = "synccache"  # SyncCache is on by default
-    schedule: str = "configs/synccache/ref-XS-10.json"  # its offline DP schedule, solved for `steps`
-    boost_cache: str = "synccache"  # backpressure level 1: a higher cache ratio
-    boost_schedule: str = "configs/synccache/ref-XS-10-boost.json"
+    # the backpressure ladder, gentlest first ([[live.levels]] tables): level 0 while chunks are on time,
+    # each level up cheaper (more reuse, then no guidance); above the last, whole chunks go idle
+    levels: list = field(default_factory=lambda: [LevelConfig("synccache", "configs/synccache/ref-XS-10.json")])
     precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto": the faster, timed at worker start-up
     lookahead_wait: int = 2  # look-ahead frames a chunk waits for (the model has 2; fewer = zeros, less latency)
     playout_delay_ms: int = 400  # frame i is shown this long after its audio was captured (one clock)
@@ -125,9 +137,16 @@ class Config:
         return q if q.is_absolute() else ROOT / q
 
 
+# keys that moved: (section, key) -> what replaces them
+MOVED = {("live", k): "[[live.levels]] (a table per backpressure level: cache, schedule, guidance)"
+         for k in ("cache", "schedule", "boost_cache", "boost_schedule")}
+
+
 def _section(cls, data: dict, name: str):
     known = {f.name: f for f in fields(cls)}
     for k, v in data.items():
+        if (name, k) in MOVED:
+            raise ConfigError(f"[{name}] {k} has moved to {MOVED[(name, k)]}")
         if k not in known:
             raise ConfigError(f"unknown key [{name}] {k}")
         want = type(getattr(cls(), k))
@@ -164,4 +183,24 @@ def load_config(path=DEFAULT_CONFIG) -> Config:
     if config.model.audio_backend not in backends:
         raise ConfigError(f"[model] audio_backend must be one of {', '.join(backends)}, "
                           f"got {config.model.audio_backend!r}")
+    config.live.levels = _levels(config.live.levels)
     return config
+
+
+def _levels(items: list) -> list:
+    """[[live.levels]] tables -> [LevelConfig], checked: at least one, known keys, right types."""
+    if not items:
+        raise ConfigError("[live] levels needs at least one level ([[live.levels]] tables)")
+    levels = []
+    for i, item in enumerate(items):
+        if isinstance(item, LevelConfig):
+            levels.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise ConfigError(f"[live] levels[{i}] must be a table (cache, schedule, guidance), got {item!r}")
+        g = item.get("guidance")
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 1.0):
+            raise ConfigError(f"[live] levels[{i}] guidance must be a number >= 1.0, got {g!r}")
+        levels.append(_section(LevelConfig, {k: v for k, v in item.items() if k != "guidance"}, f"live.levels[{i}]"))
+        levels[-1].guidance = None if g is None else float(g)
+    return levels

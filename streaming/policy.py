@@ -20,7 +20,6 @@ from streaming.audio_in import FRAME_SAMPLES, SAMPLE_RATE
 
 FPS = 25
 FRAME_S = 1 / FPS
-SKIP = 2  # the policy's top level: the chunk shows idle frames instead of being generated
 
 
 @dataclass(frozen=True)
@@ -82,21 +81,26 @@ class Chunker:
 class Decision:
     """A change of the policy's level, published as a `decision` telemetry message."""
     action: str  # "raise" or "lower"
-    level: int  # 0: default cache, 1: boost cache, 2: skip (the chunk shows idle frames)
+    level: int  # a cache level 0..levels-1 (higher: more reuse), or `levels`: skip (the chunk shows idle frames)
     reason: str
 
 
 class Backpressure:
-    """Cache level per speech chunk: raise it when the chunk is predicted to miss its deadline, step back
-    down after `recover_chunks` chunks on time (and only if the lower level would be on time too).
+    """Cache level per speech chunk, on a ladder of `levels` cache levels (0: the configured plan, each
+    higher one reuses more) topped by skip (level `levels`: the chunk shows idle frames). Raise to the
+    lowest level predicted on time when the current one is predicted late; step back down one level
+    after `recover_chunks` chunks on time (and only if the lower level would be on time too).
 
-    Level 2 is per chunk: the next chunk tries level 1 again. An idle worker never skips (it would
-    generate nothing, and its time estimates would go stale): such a chunk is generated at level 1.
+    Skip is per chunk: the next chunk tries the top cache level again. An idle worker never skips (it
+    would generate nothing, and its time estimates would go stale): such a chunk is generated at the top
+    cache level.
     """
 
-    def __init__(self, recover_chunks: int, safety_s: float = 0.0):
-        self.recover_chunks, self.safety_s = recover_chunks, safety_s
-        self.level = 0  # the level the next chunk starts from: 0 or 1
+    def __init__(self, levels: int, recover_chunks: int, safety_s: float = 0.0):
+        if levels < 1:
+            raise ValueError(f"the policy needs at least one cache level, got {levels}")
+        self.recover_chunks, self.safety_s, self.skip = recover_chunks, safety_s, levels
+        self.level = 0  # the level the next chunk starts from: a cache level, never skip
         self.on_time = 0  # chunks on time since the last decision, while above level 0
 
     def choose(self, chunk: int, deadline: float, finish: Sequence[float],
@@ -104,19 +108,19 @@ class Backpressure:
         """-> (level for this chunk, the decision to publish or None).
 
         deadline: when the chunk's first frame goes out; finish[level]: when the worker would have it
-        ready at cache level 0 / 1 if it were queued now (the same clock); it must be done safety_s early.
+        ready at each cache level if it were queued now (the same clock); it must be done safety_s early.
         """
-        due = deadline - self.safety_s
+        due, top = deadline - self.safety_s, self.skip - 1
 
         def late(level):
-            return finish[min(level, 1)] > due
+            return finish[min(level, top)] > due
 
         level, decision = self.level, None
         if late(level):
-            while level < SKIP and late(level):
+            while level < self.skip and late(level):
                 level += 1
-            if level == SKIP and worker_idle:
-                level = 1
+            if level == self.skip and worker_idle:
+                level = top
             decision = Decision("raise", level,
                                 f"chunk {chunk} predicted {1000 * (finish[self.level] - due):.0f} ms late")
             self.on_time = 0
@@ -126,7 +130,7 @@ class Backpressure:
                 level -= 1
                 decision = Decision("lower", level, f"{self.on_time} chunks on time")
                 self.on_time = 0
-        self.level = min(level, 1)
+        self.level = min(level, top)
         return level, decision
 
 

@@ -5,7 +5,7 @@
                            (or WHIP-style: Content-Type application/sdp, ?avatar=N -> 201, the answer SDP,
                            Location /sessions/{id})
     DELETE /sessions/{id}  end a session (idempotent)
-    GET  /healthz          {status, sessions, pending_chunks, gen_ms, batch_ms, sessions_supported,
+    GET  /healthz          {status, sessions, pending_chunks, gen_ms, batch_ms, dit_ms, sessions_supported,
                           precision, audio_backend, ...}
     GET  /ice-servers      {iceServers}: the config's STUN/TURN servers, for the page
 
@@ -274,6 +274,7 @@ class AvatarServer:
                                   "pending_chunks": self.engine.pending,
                                   "gen_ms": [None if g is None else round(g, 1) for g in self.engine.gen_ms],
                                   "batch_ms": [[round(ms, 1) for ms in b] for b in self.engine.batch_ms],
+                                  "dit_ms": [[round(ms, 1) for ms in d] for d in self.engine.dit_ms],
                                   "sessions_supported": self.engine.sessions_supported(self.slack_ms())[0],
                                   "precision": self.engine.precision, "audio_backend": self.engine.audio_backend,
                                   "process": self.procstats.read(), "tasks": len(asyncio.all_tasks()),
@@ -526,12 +527,12 @@ def serve(config: Config) -> None:
     log.info("loading the model and starting the generation worker ...")
     engine = GenerationWorker(config)
     engine.idle_loop(config.engine.avatar)
-    log.info("idle loop of avatar %s ready; chunk generation %s ms per cache level, in %s", config.engine.avatar,
-             [round(ms, 1) for ms in engine.gen_ms], engine.precision)
+    log.info("idle loop of avatar %s ready; chunk generation %s ms per level (%s), in %s", config.engine.avatar,
+             [round(ms, 1) for ms in engine.gen_ms], "; ".join(engine.level_names), engine.precision)
     log.info("audio path: %s%s", engine.audio_backend, " (auto; one chunk: " + ", ".join(
         f"{n} {ms:.1f} ms" for n, ms in engine.audio_backend_ms.items()) + ")" if engine.audio_backend_ms else "")
-    log.info("batches of 1..%d chunks hold the worker %s ms per cache level (decoding %s, %s; first frames %s)",
-             len(engine.batch_ms[0]), [[round(ms) for ms in b] for b in engine.batch_ms],
+    log.info("batches of 1..%d chunks: DiT %s ms per level (decoding %s, %s; first frames %s)",
+             len(engine.dit_ms[0]), [[round(ms) for ms in d] for d in engine.dit_ms],
              [round(ms) for ms in engine.decode_ms], "beside the next batch's DiT" if engine.pipelined
              else "after the DiT", [round(ms) for ms in engine.first_ms])
     server = AvatarServer(config, engine, telemetry)

@@ -12,8 +12,9 @@ are filled with silence so the input keeps pace), and frame i goes out at t0 + D
 input audio of that same frame, so sound and picture cannot drift apart. D is `playout_delay_ms`.
 
 Backpressure: before queueing a speech chunk the policy predicts when it would be ready; if that misses
-the chunk's deadline it first raises the cache ratio (level 1), and if that is still late it turns the
-chunk idle (level 2 = skip). After `recover_chunks` chunks on time it steps back down. Every decision is
+the chunk's deadline it raises the cache level (a plan that reuses more: `[live] boost_schedules`), and if
+the top one is still late it turns the chunk idle (skip). After `recover_chunks` chunks on time it steps
+back down a level. Every decision is
 published to telemetry. The queue holds at most `max_ahead_chunks` chunks, so latency stays bounded.
 
 What is pure (which audio forms a chunk and when, the policy, the chunk records) lives in
@@ -35,7 +36,7 @@ from engine.generator import load_avatar
 from engine.model.audio_encoder import MARGIN_FRAMES
 from streaming.audio_in import FRAME_SAMPLES, SAMPLE_RATE, AudioInput
 from streaming.worker import GenerationWorker, Job
-from streaming.policy import FRAME_S, SKIP, Backpressure, Chunker, ChunkRecord, Decision, frame_kind
+from streaming.policy import FRAME_S, Backpressure, Chunker, ChunkRecord, Decision, frame_kind
 from streaming.procstats import ProcessStats
 from streaming.telemetry import Telemetry
 
@@ -101,7 +102,7 @@ class Session:
         self.delay_s = live.playout_delay_ms / 1000
         self.chunker = Chunker(cfg.frames, cfg.lookback, cfg.lookahead, MARGIN_FRAMES, live.lookahead_wait,
                                live.hangover_ms, self.delay_s)
-        self.policy = Backpressure(live.recover_chunks, live.safety_ms / 1000)
+        self.policy = Backpressure(len(engine.level_names), live.recover_chunks, live.safety_ms / 1000)
         self.clock = clock
         align = getattr(engine, "aligned_start", None)  # share the worker's chunk grid (batching)
         self.t0 = align(clock()) if align is not None else clock()
@@ -127,7 +128,7 @@ class Session:
 
     @property
     def level(self) -> int:
-        """The policy's level for the next speech chunk: 0 default cache, 1 boost cache."""
+        """The policy's cache level for the next speech chunk (0: the configured plan; higher: more reuse)."""
         return self.policy.level
 
     # ----------------------------------------------------------------------------------- clock
@@ -184,13 +185,13 @@ class Session:
                 reason = "input arrived after the deadline" if kind == "late" else None
                 self._idle_chunk(ChunkRecord(c, kind, self.policy.level, reason, **times))
                 continue
-            finish = [self.engine.predict_finish(level, now, self.id) for level in (0, 1)]
+            finish = [self.engine.predict_finish(level, now, self.id) for level in range(self.policy.skip)]
             level, decision = self.policy.choose(c, self.t0 + ch.deadline_s(c), finish, self.engine.pending == 0)
             if decision is not None:
                 self._publish_decision(decision)
-            rec = ChunkRecord(c, "speech" if level < SKIP else "skipped", level, jobs_queued=self.engine.pending,
-                              **times)
-            if level == SKIP:
+            skip = level == self.policy.skip
+            rec = ChunkRecord(c, "skipped" if skip else "speech", level, jobs_queued=self.engine.pending, **times)
+            if skip:
                 self._idle_chunk(rec)
                 continue
             start, stop = ch.window(c)  # the look-ahead not yet arrived is zeros

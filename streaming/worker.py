@@ -1,62 +1,29 @@
-"""The generation worker: one process shared by all sessions, and idle loops per avatar.
+"""The generation worker, the server's side: one process shared by all sessions, and idle loops per avatar.
 
-`GenerationWorker` (in the server process) owns the worker process and talks to it in typed messages
-over two queues: ChunkRequest / IdleRequest / EndSession / ForgetIdle in, Ready / StartFailed /
-ChunkDone / IdleDone out (None stops either side).
-
-Generation runs in its own process, not a thread of the server: the event loop then never waits on the
-GIL, and torch on this CPU is ~1.7x slower from a secondary thread than from a process's main thread
-(measured: 187 vs 112 ms per chunk, interleaved in one process).
-
-Continuous batching: the worker takes the chunks that are due, one per session, and denoises them as one
-batch (engine.generator.chunk_batch) under one SyncCache plan, at the highest cache level any of them
-asked for, after waiting up to `batch_wait_ms` for the other speaking sessions' chunks (sessions share
-one chunk grid: `aligned_start`). Sessions join and leave between chunks; each keeps its own motion
-latents and noise stream. The server side predicts finishes by rounds of batches and admits sessions by
-the measured batch times (`sessions_supported`).
-
-Two stages: the main thread denoises (audio features and the DiT), a second thread decodes the latents to
-frames (`DecodeStage`, `[live] pipeline_decode`). The next chunk needs only the last chunk's latents (its
-motion), so the DiT of chunk c + 1 runs while chunk c is decoded, on the core the worker's one torch thread
-leaves free. Measured on this 2-core machine (docs/live/stop15/stages.json: bf16, one thread each, 10 live
-steps): DiT 54.3 ms and decode 29.5 ms alone, 67.5 and 32.4 ms side by side on two threads (the GIL costs
-the DiT ~24%; two processes cost ~2% but need a second model and its own start-up). The worker keeps up
-while the slower stage fits a chunk period. The decoder does each chunk's first frame first and reports it
-at once (FirstFrame): it is due 40 ms before the next.
-
-The cache has levels for the backpressure policy: level 0 is the configured method (SyncCache's offline
-schedule by default), level 1 the higher-ratio `boost_cache`; the worker re-attaches hooks when the level
-changes, and resets the cache before every chunk or batch (banking residuals across chunks only for a
-session that runs alone under the streaming extension).
+`GenerationWorker` (in the server process) starts the worker process (streaming/worker_process.py) and
+talks to it in typed messages over two queues (streaming/protocol.py). It predicts when a chunk's first
+frame would be ready at each level (the backpressure policy's input), admits sessions by the measured
+batch times (`sessions_supported`), and hands each chunk's frames to its session's callbacks as they come.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import multiprocessing as mp
-import queue
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.config import Config
+from streaming.protocol import (ACTIVE_S, SAMPLES_PER_FRAME, ChunkDone, ChunkRequest, DitDone, EndSession,
+                                FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, ping_pong)
+from streaming.worker_process import main as worker_main
 
-SAMPLES_PER_FRAME = 640
-ACTIVE_S = 0.4  # a session that sent a chunk this recently is expected to send the next soon
 # a round of chunks may fill at most this share of a chunk period: two sessions forced in, whose batch of two
 # took 86-97% of the period (137-155 ms per 160), had 37% and 22% of their chunks skipped
 # (docs/live/two_sessions_480.json): WebRTC, the clients and jitter need the rest of these 2 cores
 HEADROOM = 0.85
-
-
-def ping_pong(i: int, n: int) -> int:
-    """Index into an n-frame loop played forwards then backwards: 0..n-1, n-2..1, 0.. (never a jump)."""
-    if n <= 1:
-        return 0
-    p = i % (2 * n - 2)
-    return p if p < n else 2 * n - 2 - p
 
 
 @dataclass
@@ -82,72 +49,6 @@ class Job:
     early: callable = None
 
 
-# --- messages between the server and the worker process ----------------------------------------------
-@dataclass
-class ChunkRequest:
-    job: int
-    session: str
-    avatar: str
-    window: np.ndarray  # float32 16 kHz audio with look-back / look-ahead context
-    level: int  # cache level
-    idle_motion: int | None
-
-
-@dataclass
-class IdleRequest:
-    avatar: str
-
-
-@dataclass
-class EndSession:
-    session: str
-
-
-@dataclass
-class ForgetIdle:
-    avatar: str  # an idle loop the server dropped from its cache
-
-
-@dataclass
-class Ready:
-    gen_ms: list  # per cache level, measured at start-up
-    precision: str  # "bf16" or "fp32"
-    batch_ms: list  # per cache level, ms of one batch of B = 1..max_batch chunks (None: not batchable)
-    audio_backend: str = "torch"  # the audio path's backend the worker runs (engine/audio_path.py)
-    audio_backend_ms: dict = None  # auto's timings of one level-0 chunk per candidate backend, ms
-    decode_ms: list = None  # ms of decoding a batch of B = 1..max_batch chunks
-    first_ms: list = None  # of which the first frame of each chunk (decoded first)
-    pipelined: bool = False  # decoding runs beside the next batch's DiT (DecodeStage)
-
-
-@dataclass
-class StartFailed:
-    error: str
-
-
-@dataclass
-class FirstFrame:
-    """A chunk's first frame, decoded before the others (it is due first)."""
-    job: int
-    frames: np.ndarray  # uint8 [1, 128, 128, 3]
-    ready: float  # monotonic time it was ready
-
-
-@dataclass
-class ChunkDone:
-    job: int
-    frames: np.ndarray | None  # None: the chunk failed (info["error"]); else the chunk's frames from `first` on
-    info: dict
-    first: int = 0  # frames before this index came in a FirstFrame
-
-
-@dataclass
-class IdleDone:
-    avatar: str
-    frames: np.ndarray | None
-    error: str | None
-
-
 def _model_config(config: Config):
     """The DiT config from the weights' metadata (no model load in the server process)."""
     import json
@@ -170,20 +71,21 @@ class GenerationWorker:
     def __init__(self, config: Config, ready_timeout_s: float = 120):
         self.config = config
         self.cfg = _model_config(config)
-        self.level_names = [config.live.cache, config.live.boost_cache]
+        self.level_names = [lvl.name() for lvl in config.live.levels]  # per level, for telemetry
         self.pending = 0  # chunks queued or generating, all sessions
         self._grid0 = None  # monotonic time of the shared chunk grid's origin (aligned_start)
         self._speaking = {}  # session -> last time it asked when a speech chunk would be ready
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
         self._heads: dict[int, np.ndarray] = {}  # first frames held for jobs without an `early` callback
+        self._decoding: dict[int, tuple[float, int]] = {}  # job past its DiT -> (when it ended, its batch size)
         self._next_id = 0
         self._idle: collections.OrderedDict[str, IdleLoop] = collections.OrderedDict()  # least recently used first
         self.max_idle_loops = max(1, config.server.idle_loops)
         self._idle_wait: dict[str, list] = {}
         ctx = mp.get_context("spawn")  # no fork of a process with threads / an event loop
         self._in, self._out = ctx.Queue(), ctx.Queue()
-        self._proc = ctx.Process(target=_worker_main, args=(config, self._in, self._out), daemon=True,
+        self._proc = ctx.Process(target=worker_main, args=(config, self._in, self._out), daemon=True,
                                  name="syncavatar-generate")
         self._proc.start()
         msg = self._out.get(timeout=ready_timeout_s)
@@ -193,12 +95,12 @@ class GenerationWorker:
         self.precision = msg.precision  # what the worker generates in: "bf16" or "fp32" (auto: the faster here)
         self.audio_backend = msg.audio_backend  # the audio path's backend (auto: the fastest timed here)
         self.audio_backend_ms = msg.audio_backend_ms or {}
-        # per level, ms a round of B chunks (index B - 1) holds the worker, measured at start-up then a
-        # running mean: both stages in sequence, or the slower one when decoding is pipelined
-        self.batch_ms = [list(b) if b else [self.gen_ms[lvl]] for lvl, b in enumerate(msg.batch_ms)]
+        # per level, ms of the DiT stage of a batch of B chunks (index B - 1); per B, decoding all frames and
+        # the chunks' first frames: measured at start-up, then running means of live batches
+        self.dit_ms = [list(d) for d in msg.dit_ms]
+        self.decode_ms = list(msg.decode_ms or [0.0])
+        self.first_ms = list(msg.first_ms or [0.0])
         self.pipelined = msg.pipelined
-        self.decode_ms = list(msg.decode_ms or [0.0])  # per batch size: decoding all frames
-        self.first_ms = list(msg.first_ms or [0.0])  # per batch size: decoding the chunks' first frames
         self.closed = False
         self._reader = threading.Thread(target=self._read, name="syncavatar-results", daemon=True)
         self._reader.start()
@@ -227,16 +129,17 @@ class GenerationWorker:
             return now - (now - self._grid0) % period
 
     def predict_finish(self, level: int, now: float, session: str | None = None) -> float:
-        """When the first frame of a chunk of `session` submitted now at this cache level would be ready
+        """When the first frame of a chunk of `session` submitted now at this level would be ready
         (monotonic seconds; it is the frame due first).
 
         The worker runs rounds of batches with one chunk per session: the chunk waits for as many rounds
-        as its session has chunks pending, each round costing the batch time of the sessions in it. Every
-        session that is speaking now (asked for a prediction within ACTIVE_S) counts in this round even
-        before its chunk arrives: the worker waits for it (gather), so every session predicts the same
-        round and all take the same decision, none starving because it asked second."""
+        as its session has chunks pending (first_frame_ms). Every session that is speaking now (asked for
+        a prediction within ACTIVE_S) counts in this round even before its chunk arrives: the worker waits
+        for it (gather), so every session predicts the same round and all take the same decision, none
+        starving because it asked second."""
         with self._lock:
-            per = collections.Counter(j.session for j in self._jobs.values())
+            per = collections.Counter(j.session for k, j in self._jobs.items() if k not in self._decoding)
+            busy = self._decode_backlog_ms(now)
             if session is not None:
                 self._speaking[session] = now
             for other, t in list(self._speaking.items()):
@@ -245,40 +148,72 @@ class GenerationWorker:
                 elif other != session and other not in per:
                     per[other] = 1
         per[session] += 1
-        return now + (self.rounds_ms(level, per) + self.tail_ms(len(per))) / 1000
+        rounds = [sum(c > r for c in per.values()) for r in range(per[session])]  # sessions in each round
+        return now + self.first_frame_ms(level, rounds, busy) / 1000
 
-    def tail_ms(self, size: int) -> float:
-        """From the end of a round's hold on the worker (batch_ms) to its chunks' first frames ready: their
-        decoding when decoding is pipelined (the round held the slower stage), else minus the decoding of
-        the frames after them (the round held both stages, and the first frames come out before the rest)."""
-        k = min(size, len(self.decode_ms), len(self.first_ms)) - 1
-        return self.first_ms[k] - (0.0 if self.pipelined else self.decode_ms[k])
+    def _decode_backlog_ms(self, now: float) -> float:
+        """ms until the decoder is done with the batches already past their DiT (DitDone): each decoded from
+        the later of its DiT's end and the previous batch's decode, one after another."""
+        end = now
+        for k, (at, b) in enumerate(sorted(set(self._decoding.values()))):
+            end = (at if k == 0 else max(end, at)) + self._per_b(self.decode_ms, b) / 1000
+        return max(0.0, end - now) * 1000
 
-    def rounds_ms(self, level: int, per_session: dict) -> float:
-        """ms to work through per_session[s] chunks of each session s, in batches of one per session."""
-        counts, total, r = sorted(per_session.values(), reverse=True), 0.0, 0
-        while counts and counts[0] > r:
-            size = sum(c > r for c in counts)
-            total += self.batch_estimate_ms(level, size)
-            r += 1
-        return total
+    def first_frame_ms(self, level: int, rounds: list, busy_ms: float = 0.0) -> float:
+        """ms from now until the first frames of the last of these rounds (sizes: chunks in each, not yet
+        denoised) are decoded; the decoder is busy for busy_ms with batches already denoised.
+
+        In sequence a batch runs its DiT stage, then decodes (first frames first). Pipelined, a batch's
+        DiT starts when the previous batch's DiT ends, and its decoding once that DiT has ended and the
+        decode thread is free: a chunk's first frame waits for its own DiT and, where decoding is the slower
+        stage (slow CPUs), for the batches decoded before it, not for a whole round of the slower stage."""
+        batches = [b for size in rounds for b in self._batches(level, size)]
+        dit_end, dec_end = 0.0, busy_ms
+        for i, b in enumerate(batches):
+            dit, dec, first = self.dit_ms[level][b - 1], self._per_b(self.decode_ms, b), self._per_b(self.first_ms, b)
+            dit_end = (dit_end if self.pipelined else dec_end) + dit
+            start = max(dit_end, dec_end)
+            if i == len(batches) - 1:
+                return start + first
+            dec_end = start + dec
+        return 0.0
+
+    @staticmethod
+    def _per_b(ms: list, b: int) -> float:
+        """A decoding time measured per batch size, for b chunks (the largest measured past its end)."""
+        return ms[min(b, len(ms)) - 1]
+
+    def _batches(self, level: int, size: int) -> list:
+        """A round of `size` chunks as the worker runs it: batches of at most the level's batch size."""
+        most = len(self.dit_ms[level])
+        full, rest = divmod(size, most)
+        return [most] * full + ([rest] if rest else [])
+
+    def hold_ms(self, level: int, b: int) -> float:
+        """ms a batch of b chunks holds the worker: its slower stage when decoding is pipelined (the next
+        batch's DiT runs beside its decoding), both stages when not."""
+        dit, dec = self.dit_ms[level][b - 1], self._per_b(self.decode_ms, b)
+        return max(dit, dec) if self.pipelined else dit + dec
+
+    @property
+    def batch_ms(self) -> list:
+        """Per level, ms a batch of B = 1, 2, ... chunks holds the worker (hold_ms)."""
+        return [[self.hold_ms(lvl, b) for b in range(1, len(d) + 1)] for lvl, d in enumerate(self.dit_ms)]
 
     def batch_estimate_ms(self, level: int, size: int) -> float:
-        """ms of one round of `size` chunks: batches of at most max_batch (sequential where not batchable)."""
-        b = self.batch_ms[level]
-        full, rest = divmod(size, len(b))
-        return full * b[-1] + (b[rest - 1] if rest else 0.0)
+        """ms one round of `size` chunks holds the worker (batches of at most the level's batch size)."""
+        return sum(self.hold_ms(level, b) for b in self._batches(level, size))
 
     def sessions_supported(self, slack_ms: float) -> tuple[int, int | None, float]:
-        """(how many speaking sessions this worker serves on time, the cache level that does it, the ms
-        its round of one chunk per session takes there): a round must fit HEADROOM of a chunk period
-        and, with the batch wait, the slack between a chunk's audio arriving and its first frame going
-        out (latency). (0, None, ms) when not even one session fits (a CPU slower than real time)."""
+        """(how many speaking sessions this worker serves on time, the level that does it, the ms its round
+        of one chunk per session holds the worker there): a round must fit HEADROOM of a chunk period and
+        its first frames, with the batch wait, the slack between a chunk's audio arriving and its first
+        frame going out (latency). (0, None, ms) when not even one session fits (a CPU slower than real time)."""
         period, slack = HEADROOM * self.chunk_ms(), slack_ms - self.config.live.batch_wait_ms
         best = (0, None, self.batch_estimate_ms(0, 1))
         for n in range(1, 65):
-            fits = [lvl for lvl in range(len(self.batch_ms)) if self.batch_estimate_ms(lvl, n) <= period
-                    and self.batch_estimate_ms(lvl, n) + self.tail_ms(n) <= slack]
+            fits = [lvl for lvl in range(len(self.dit_ms)) if self.batch_estimate_ms(lvl, n) <= period
+                    and self.first_frame_ms(lvl, [n]) <= slack]
             if not fits:
                 break
             best = (n, fits[0], self.batch_estimate_ms(fits[0], n))
@@ -353,7 +288,11 @@ class GenerationWorker:
                 return
             if msg is None:
                 return
-            if isinstance(msg, FirstFrame):
+            if isinstance(msg, DitDone):
+                with self._lock:
+                    for job in msg.jobs:
+                        self._decoding[job] = (msg.at, len(msg.jobs))
+            elif isinstance(msg, FirstFrame):
                 with self._lock:
                     job = self._jobs.get(msg.job)
                 if job.early is not None:
@@ -365,6 +304,7 @@ class GenerationWorker:
                     self._learn(msg.info)
                 with self._lock:
                     job = self._jobs.pop(msg.job)
+                    self._decoding.pop(msg.job, None)
                     self.pending -= 1
                 head, frames, first = self._heads.pop(msg.job, None), msg.frames, msg.first
                 if head is not None and frames is not None:
@@ -387,9 +327,8 @@ class GenerationWorker:
         if n == 1:
             prev = self.gen_ms[lvl]
             self.gen_ms[lvl] = dit + dec if prev is None else 0.8 * prev + 0.2 * (dit + dec)
-        if n <= len(self.batch_ms[lvl]):
-            held = max(dit, dec) if self.pipelined else dit + dec
-            self.batch_ms[lvl][n - 1] = 0.8 * self.batch_ms[lvl][n - 1] + 0.2 * held
+        if n <= len(self.dit_ms[lvl]):
+            self.dit_ms[lvl][n - 1] = 0.8 * self.dit_ms[lvl][n - 1] + 0.2 * dit
         if n <= len(self.decode_ms):
             self.decode_ms[n - 1] = 0.8 * self.decode_ms[n - 1] + 0.2 * dec
 
@@ -403,391 +342,3 @@ class GenerationWorker:
             self._proc.terminate()
         self._out.put(None)
         self._reader.join(timeout=5)
-
-
-# ------------------------------------------------------------------------------ worker process
-class _Worker:
-    """Lives in the worker process: the model, the attached cache level, per-session generators."""
-
-    def __init__(self, config: Config):
-        import torch
-
-        from engine.model.audio_encoder import MARGIN_FRAMES
-        from engine.model.avatar import load_model
-        self.torch = torch
-        if config.live.worker_threads > 0:
-            torch.set_num_threads(config.live.worker_threads)
-        self.config = config
-        m, live = config.model, config.live
-        self.model = load_model(config.path(m.weights))
-        self.cfg = self.model.cfg
-        self.offset = self.cfg.lookback + MARGIN_FRAMES  # chunk start inside a job's window, in frames
-        self.levels = [self._cache(live.cache, live.schedule), self._cache(live.boost_cache, live.boost_schedule)]
-        if live.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"[live] precision must be auto, bf16 or fp32, got {live.precision!r}")
-        self.bf16 = live.precision == "bf16"  # "auto" is decided by _pick_precision at start-up
-        self.handle, self.level, self.owner = None, None, None
-        self.stats = (0, 0)
-        self.gens = {}  # session -> ChunkGenerator
-        self.idle_latents = {}  # avatar -> [L, C, h, w]
-
-    def autocast(self):
-        import contextlib
-        if self.bf16:
-            return self.torch.autocast("cpu", dtype=self.torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _cache(self, method, schedule):
-        from engine.caching import cache_config
-        path = self.config.path(schedule)
-        return cache_config(method, self.config.live.steps, schedule=path, stream_schedule=path,
-                            calibration=self.config.path(self.config.cache.calibration))
-
-    def generator(self, session, avatar):
-        from engine.generator import ChunkGenerator, load_avatar
-        if session not in self.gens:
-            m = self.config.model
-            self.gens[session] = ChunkGenerator(self.model, load_avatar(avatar), steps=self.config.live.steps,
-                                                seed=m.seed, guidance=m.guidance, noise_scale=m.noise_scale)
-        return self.gens[session]
-
-    def use_level(self, level, owner):
-        """Attach the cache of `level`; reset it for a new owner, or bank residuals for the same one."""
-        from engine.caching import attach
-        if self.level != level:
-            if self.handle is not None:
-                self.handle.remove()
-            cache = self.levels[level]
-            self.handle = attach(self.model.dit, cache) if cache is not None else None
-            self.level, self.owner, self.stats = level, None, (0, 0)
-        if self.handle is not None:
-            self.handle.reset(keep_stats=True, next_chunk=self.owner == owner)
-        self.owner = owner
-
-    def steps_since(self):
-        if self.handle is None:
-            return self.config.live.steps, 0
-        st = self.handle.stats()
-        now = (st["computed_steps"], st["reuse_steps"])
-        diff = (now[0] - self.stats[0], now[1] - self.stats[1])
-        self.stats = now
-        return diff
-
-    def _from_idle(self, gen, avatar, idle_motion):
-        """Continue a session's motion from the idle frames shown before global frame idle_motion."""
-        if idle_motion is not None and avatar in self.idle_latents:
-            lat = self.idle_latents[avatar]
-            mf = self.cfg.motion_frames
-            idx = [ping_pong(i, len(lat)) for i in range(idle_motion - mf, idle_motion)]
-            gen.motion = lat[idx][None]
-
-    def chunk(self, session, avatar, window, level, idle_motion):
-        """One chunk alone, both stages in sequence -> (frames, info)."""
-        return self.chunks([ChunkRequest(-1, session, avatar, window, level, idle_motion)])[0]
-
-    def batchable(self, level) -> bool:
-        """Chunks of several sessions may share a batch at this level: no cache, or SyncCache following its
-        offline schedule (one plan for the whole batch). Online-probing caches decide per sample, and the
-        streaming extension banks residuals per session, so those run one chunk at a time."""
-        from synccache import SyncCacheConfig
-        c = self.levels[level]
-        return c is None or (isinstance(c, SyncCacheConfig) and c.schedule is not None and not c.stream)
-
-    def chunks(self, reqs: list) -> list:
-        """Chunks of different sessions, both stages in sequence -> [(frames, info)] in the order of reqs."""
-        return [out for d in self.denoise(reqs) for out in self.decode(d)]
-
-    def denoise(self, reqs: list) -> list:
-        """The DiT stage -> [Denoised]: one batch at the highest cache level the chunks ask for where that
-        level may batch, else one chunk after another at their own levels."""
-        from engine.generator import denoise_batch
-        level = max(r.level for r in reqs)
-        if len(reqs) > 1 and not self.batchable(level):
-            return [d for r in reqs for d in self.denoise([r])]
-        gens = [self.generator(r.session, r.avatar) for r in reqs]
-        if len(reqs) == 1:  # alone: a streaming cache may bank residuals for this session's next chunk
-            self.use_level(level, reqs[0].session)
-            gens[0].fixed_noise = bool(getattr(self.levels[level], "stream", False))
-        else:
-            self.use_level(level, None)  # a batch owns no residuals across chunks
-            for g in gens:
-                g.fixed_noise = False
-        for g, r in zip(gens, reqs):
-            self._from_idle(g, r.avatar, r.idle_motion)
-        self.steps_since()
-        start = time.monotonic()
-        with self.autocast():
-            z = denoise_batch(gens, [self.torch.from_numpy(r.window) for r in reqs], [self.offset] * len(reqs))
-        dit_ms = (time.monotonic() - start) * 1000
-        computed, reused = self.steps_since()
-        return [Denoised([r.job for r in reqs], gens, z, {
-            "gen_start": start, "dit_ms": dit_ms, "computed_steps": computed, "reused_steps": reused,
-            "level": level, "batch": len(reqs)})]
-
-    def decode(self, d: "Denoised", early=None) -> list:
-        """The decoder stage -> [(frames, info)] per chunk. The first frame of every chunk is decoded first
-        (it is due first; the others follow 40 ms apart): early(job, first frames, when ready), if given, gets
-        it before the rest are decoded (docs/live/stop15/stages.json: 9.9 + 22.0 ms, 4 at once 29.3).
-        info: the DiT stage's plus first_ms / decode_ms (first frame / all), gen_end / gen_ms (all frames
-        ready, counted from the DiT stage's start, any wait for the decoder included)."""
-        from engine.generator import decode_batch
-        start = time.monotonic()
-        with self.autocast():  # decode_batch runs without autograd
-            heads = decode_batch(d.gens, d.z[:, :1])
-            first = time.monotonic()
-            if early is not None:
-                for job, f in zip(d.jobs, heads):
-                    early(job, f, first)
-            rests = decode_batch(d.gens, d.z[:, 1:]) if d.z.shape[1] > 1 else [f[:0] for f in heads]
-        end = time.monotonic()
-        info = d.info | {"first_ms": (first - start) * 1000, "decode_ms": (end - start) * 1000, "gen_end": end,
-                         "gen_ms": (end - d.info["gen_start"]) * 1000}
-        return [(np.concatenate([h, r]), info | {"batch_index": i}) for i, (h, r) in enumerate(zip(heads, rests))]
-
-    def idle(self, avatar):
-        """Generate idle_chunks chunks from silence, continuing motion: the avatar's idle loop."""
-        gen = self.generator(("idle", avatar), avatar)
-        n = max(1, self.config.live.idle_chunks)
-        silence = np.zeros((self.cfg.audio_frames + 2 * (self.offset - self.cfg.lookback)) * SAMPLES_PER_FRAME,
-                           np.float32)
-        frames, latents = [], []
-        for _ in range(n):
-            self.use_level(0, ("idle", avatar))
-            with self.autocast():
-                frames.append(gen.chunk(self.torch.from_numpy(silence), self.offset))
-            latents.append(gen.last_latents[0].float())
-        del self.gens[("idle", avatar)]
-        self.idle_latents[avatar] = self.torch.cat(latents)
-        return np.concatenate(frames)
-
-
-@dataclass
-class Denoised:
-    """A batch between the worker's two stages: denoised (motion carried), not decoded yet."""
-    jobs: list  # job ids, one per chunk
-    gens: list  # the chunks' generators (their portraits' features decode them)
-    z: object  # torch latents [B, W, C, h, w]
-    info: dict  # gen_start, dit_ms, computed_steps, reused_steps, level, batch
-
-
-class DecodeStage:
-    """Decodes denoised batches and reports them (ChunkDone on the out queue): on a thread of its own while
-    the main thread denoises the next batch, or inline (threaded=False: the stages in sequence)."""
-
-    def __init__(self, w: "_Worker", outq, threaded: bool):
-        self.w, self.outq = w, outq
-        self.q = queue.Queue() if threaded else None
-        self.thread = None
-        if threaded:
-            self.thread = threading.Thread(target=self._run, name="syncavatar-decode", daemon=True)
-            self.thread.start()
-
-    def put(self, d: Denoised) -> None:
-        if self.q is None:
-            self._report(d)
-        else:
-            self.q.put(d)
-
-    def _run(self):
-        if self.w.config.live.worker_threads > 0:  # torch's thread count is per thread: set it here too
-            self.w.torch.set_num_threads(self.w.config.live.worker_threads)
-        while (d := self.q.get()) is not None:
-            self._report(d)
-
-    def _report(self, d: Denoised) -> None:
-        """FirstFrame of each chunk as soon as it is decoded, then ChunkDone with the frames after it."""
-        sent = set()
-
-        def early(job, frames, ready):
-            self.outq.put(FirstFrame(job, frames, ready))
-            sent.add(job)
-        try:
-            results = self.w.decode(d, early)
-        except Exception as e:  # its sessions show idle frames (the first ones, if sent); the worker goes on
-            import traceback
-            traceback.print_exc()
-            results = [(None, d.info | {"error": f"{type(e).__name__}: {e}"})] * len(d.jobs)
-        for job, (frames, info) in zip(d.jobs, results):
-            first = 1 if job in sent else 0
-            self.outq.put(ChunkDone(job, frames if frames is None else frames[first:], info, first))
-
-    def close(self) -> None:
-        """Decode what is queued, then stop."""
-        if self.thread is not None:
-            self.q.put(None)
-            self.thread.join(timeout=30)
-
-
-def _pick_precision(w: _Worker, silence, rounds=3) -> str:
-    """precision = "auto": time level-0 chunks with and without bfloat16 autocast, alternating, and keep the
-    faster. Which wins depends on the CPU: with AMX bf16 was ~1.3x faster; on an AVX-512 CPU without AMX
-    the same chunk took ~270 ms in bf16 and ~175 ms in fp32 (one thread)."""
-    def timed(bf16):
-        w.bf16 = bf16
-        return w.chunk("warmup", w.config.engine.avatar, silence, 0, None)[1]["gen_ms"]
-    timed(True)  # the first bf16 chunk allocates (fp32 was warmed up by the caller)
-    ms = {True: [], False: []}
-    for _ in range(rounds):
-        for bf16 in (True, False):
-            ms[bf16].append(timed(bf16))
-    w.bf16 = float(np.median(ms[True])) < float(np.median(ms[False]))
-    return "bf16" if w.bf16 else "fp32"
-
-
-def _pick_audio_backend(w: _Worker, silence) -> dict:
-    """Install the configured audio backend; "auto" times a level-0 chunk with each candidate (after the
-    precision is chosen, so it is compared in the precision the worker runs)."""
-    from engine import audio_path
-    m = w.config.model
-    run = lambda: w.chunk("warmup", w.config.engine.avatar, silence, 0, None)  # noqa: E731
-    path, info = audio_path.choose(m.audio_backend, w.model, run=run,
-                                   onnx_dir=w.config.path(m.onnx_dir) if m.onnx_dir else None, log=lambda s: None)
-    w.audio_path = audio_path.install(w.model, path)
-    return info
-
-
-def time_batches(w: _Worker, silence, level: int, max_batch: int, rounds: int = 2):
-    """([DiT-stage ms], [decode ms], [first-frame decode ms]) of a batch of B = 1..max_batch silent warm-up
-    chunks at a cache level (median of `rounds`); B = 1 only where the level cannot batch (its chunks then
-    run one after another)."""
-    dit, dec, first = [], [], []
-    for n in range(1, (max_batch if w.batchable(level) else 1) + 1):
-        reqs = [ChunkRequest(-1, f"warmup{b}", w.config.engine.avatar, silence, level, None) for b in range(n)]
-        infos = [w.chunks(reqs)[0][1] for _ in range(rounds)]
-        dit.append(float(np.median([i["dit_ms"] for i in infos])))
-        dec.append(float(np.median([i["decode_ms"] for i in infos])))
-        first.append(float(np.median([i["first_ms"] for i in infos])))
-    return dit, dec, first
-
-
-def next_batch(first: ChunkRequest, backlog: collections.deque, max_batch: int) -> list:
-    """`first` plus the queued chunks that may join it, taken out of the backlog: other sessions' chunks,
-    oldest first, up to max_batch, never past a control message (so an EndSession still follows its
-    session's chunks). One chunk per session per batch: none is starved. The batch runs at the highest
-    cache level asked by its chunks (backpressure degrades every session in it alike, not one alone)."""
-    batch = [first]
-    join(batch, backlog, max_batch)
-    return batch
-
-
-def join(batch: list, backlog: collections.deque, max_batch: int) -> bool:
-    """Move into `batch` the queued chunks that may join it (see next_batch); False once a control
-    message blocks the way."""
-    sessions = {r.session for r in batch}
-    for m in list(backlog):
-        if len(batch) >= max_batch:
-            return True
-        if not isinstance(m, ChunkRequest):
-            return False
-        if m.session not in sessions:
-            batch.append(m)
-            sessions.add(m.session)
-            backlog.remove(m)
-    return True
-
-
-def gather(batch: list, backlog: collections.deque, inq, max_batch: int, expected: set, wait_s: float) -> None:
-    """Wait up to wait_s for the chunks of the `expected` sessions (active ones not in the batch yet) to
-    join it. Sessions' chunk grids are aligned (GenerationWorker.aligned_start), so their chunks fall due
-    within a few ms of each other; without the wait the worker would start on the first and serve the
-    others alone, one after another."""
-    deadline = time.monotonic() + wait_s
-    while len(batch) < max_batch and expected - {r.session for r in batch}:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        try:
-            backlog.append(inq.get(timeout=left))
-        except queue.Empty:
-            return
-        if backlog[-1] is None or not join(batch, backlog, max_batch):
-            return
-
-
-def _worker_main(config: Config, inq, outq):
-    try:
-        w = _Worker(config)
-        # warm up (the first forwards allocate), then time each cache level on a few silent chunks: the
-        # policy's first predictions use these instead of guesses
-        silence = np.zeros((w.cfg.audio_frames + 2) * SAMPLES_PER_FRAME, np.float32)
-        w.chunk("warmup", config.engine.avatar, silence, 0, None)
-        if config.live.precision == "auto":
-            _pick_precision(w, silence)
-        audio = _pick_audio_backend(w, silence)
-        pipelined = config.live.pipeline_decode
-        times = [time_batches(w, silence, level, max(1, config.live.max_batch), rounds=3)
-                 for level in range(len(w.levels))]
-        gen_ms = [dit[0] + dec[0] for dit, dec, _ in times]  # one chunk alone, all frames after both stages
-        # a round holds the worker for its slower stage when pipelined, for both stages in sequence if not
-        batch_ms = [[max(a, b) if pipelined else a + b for a, b in zip(dit, dec)] for dit, dec, _ in times]
-        _, decode_ms, first_ms = max(times, key=lambda t: len(t[1]))  # decoding costs the same at every level
-        for b in range(config.live.max_batch):
-            w.gens.pop(f"warmup{b}", None)
-        w.gens.pop("warmup", None)
-    except Exception as e:
-        outq.put(StartFailed(f"{type(e).__name__}: {e}"))
-        return
-    outq.put(Ready(gen_ms, "bf16" if w.bf16 else "fp32", batch_ms, audio["backend"], audio["ms"], decode_ms,
-                   first_ms, pipelined))
-    stage = DecodeStage(w, outq, threaded=pipelined)
-    try:
-        _serve(w, config, inq, outq, stage)
-    finally:
-        stage.close()
-
-
-def _serve(w: _Worker, config: Config, inq, outq, stage: DecodeStage):
-    """The worker's loop: batch the chunks that are due, denoise them, hand them to the decode stage."""
-    parent = mp.parent_process()
-    backlog = collections.deque()
-    last_seen = {}  # session -> when the worker last received one of its chunks
-    while True:
-        if not backlog:
-            try:
-                backlog.append(inq.get(timeout=1.0))
-            except queue.Empty:
-                if parent is not None and not parent.is_alive():  # the server died without closing us
-                    return
-                continue
-        while True:  # everything already queued: chunks due now are batched together
-            try:
-                backlog.append(inq.get_nowait())
-            except queue.Empty:
-                break
-        now = time.monotonic()
-        for m in backlog:  # a session that sends chunks is active, whether or not it was served yet
-            if isinstance(m, ChunkRequest):
-                last_seen[m.session] = now
-        msg = backlog.popleft()
-        if msg is None:
-            return
-        if isinstance(msg, ChunkRequest):
-            max_batch = max(1, config.live.max_batch)
-            batch = next_batch(msg, backlog, max_batch)
-            active = {k for k, t in last_seen.items() if now - t < ACTIVE_S}
-            if max_batch > 1 and w.batchable(max(r.level for r in batch)):
-                gather(batch, backlog, inq, max_batch, active, config.live.batch_wait_ms / 1000)
-            for r in batch:  # those that arrived while gathering are active too
-                last_seen[r.session] = time.monotonic()
-            try:
-                denoised = w.denoise(batch)
-            except Exception as e:  # one bad chunk must not kill the worker: its sessions show idle
-                import traceback
-                traceback.print_exc()
-                for r in batch:
-                    outq.put(ChunkDone(r.job, None, {"error": f"{type(e).__name__}: {e}", "level": r.level}))
-                continue
-            for d in denoised:
-                stage.put(d)
-        elif isinstance(msg, IdleRequest):
-            try:
-                outq.put(IdleDone(msg.avatar, w.idle(msg.avatar), None))
-            except Exception as e:
-                import traceback
-                traceback.print_exc()
-                outq.put(IdleDone(msg.avatar, None, f"{type(e).__name__}: {e}"))
-        elif isinstance(msg, EndSession):
-            w.gens.pop(msg.session, None)
-            last_seen.pop(msg.session, None)
-        elif isinstance(msg, ForgetIdle):
-            w.idle_latents.pop(msg.avatar, None)

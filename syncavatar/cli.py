@@ -253,7 +253,7 @@ def cmd_bench_wan(a):
     from synccache import Schedule
     cfg = _config(a)
     scheds = {"default": Schedule.load(cfg.path(cfg.cache.schedule)),
-              "live": Schedule.load(cfg.path(cfg.live.schedule))}
+              "live": Schedule.load(cfg.path(cfg.live.levels[0].schedule))}
     try:
         r = cost_report(scheds, steps=a.steps, height=a.height, width=a.width, frames=a.frames)
     except WanS2VError as e:

@@ -8,7 +8,8 @@ import pytest
 
 from engine.media import load_audio
 from streaming.audio_in import AudioInput
-from streaming.worker import IdleLoop, ping_pong
+from streaming.protocol import ping_pong
+from streaming.worker import IdleLoop
 from streaming.session import Session
 from streaming.telemetry import Telemetry, messages
 from engine.config import load_config
@@ -344,6 +345,34 @@ def test_ice_servers_from_config():
         ice_server({"url": "stun:x"})
 
 
+def test_live_levels_from_config(tmp_path):
+    """The shipped ladder: each level up is cheaper (more reuse, then no guidance); telemetry names each
+    level by its plan; [[live.levels]] tables are checked; the old single-plan keys say where they went."""
+    from engine.config import ConfigError, LevelConfig
+    from synccache import Schedule
+    levels = load_config().live.levels
+    reused = [sum(map(sum, Schedule.load(load_config().path(lvl.schedule)).reuse)) for lvl in levels]
+    guidance = [3.0 if lvl.guidance is None else lvl.guidance for lvl in levels]
+    cost = list(zip(reused, [-g for g in guidance]))
+    assert len(levels) >= 3 and cost == sorted(set(cost)), cost  # strictly cheaper at every step up
+    assert [lvl.name() for lvl in levels][:2] == ["synccache (ref-XS-10-gentle)",
+                                                  "synccache (ref-XS-10-boost), guidance 1"]
+    assert LevelConfig("none").name() == "none"
+    cfg = tmp_path / "live.toml"
+    cfg.write_text('[live]\nsteps = 10\n[[live.levels]]\nschedule = "configs/synccache/ref-XS-10.json"\n'
+                   '[[live.levels]]\ncache = "none"\nguidance = 1\n')
+    assert load_config(cfg).live.levels == [LevelConfig("synccache", "configs/synccache/ref-XS-10.json"),
+                                            LevelConfig("none", "", 1.0)]
+    for text, match in [('[live]\nboost_schedule = "x.json"\n', "moved to \\[\\[live.levels\\]\\]"),
+                        ("[live]\nlevels = []\n", "at least one level"),
+                        ("[live]\nlevels = [3]\n", "must be a table"),
+                        ("[[live.levels]]\nschedul = 'x.json'\n", "unknown key \\[live.levels\\[0\\]\\] schedul"),
+                        ("[[live.levels]]\nguidance = 0.5\n", "guidance must be a number >= 1.0")]:
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            load_config(cfg)
+
+
 def test_telemetry_cli_table_and_csv(tmp_path, capsys):
     """`syncavatar telemetry --csv`: a line per message and a CSV row with the schema's columns."""
     import csv
@@ -427,7 +456,7 @@ def test_auto_precision_keeps_the_faster():
     whichever it is on this CPU."""
     from types import SimpleNamespace
 
-    from streaming.worker import _pick_precision
+    from streaming.worker_process import _pick_precision
 
     class Stub:
         def __init__(self, bf16_ms, fp32_ms):

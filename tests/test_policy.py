@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from streaming.policy import SKIP, Backpressure, Chunker, ChunkRecord, Decision, frame_kind
+from streaming.policy import Backpressure, Chunker, ChunkRecord, Decision, frame_kind
 
 
 def _chunker(**kw):
@@ -71,7 +71,7 @@ def test_hangover_keeps_the_chunks_after_speech_generated(hangover_ms, hang_fram
 
 # -------------------------------------------------------------------------------------- policy
 def test_raises_to_the_boost_cache_when_a_chunk_is_predicted_late():
-    p = Backpressure(recover_chunks=3, safety_s=0.02)
+    p = Backpressure(2, recover_chunks=3, safety_s=0.02)
     assert p.choose(0, 10.0, (9.98, 9.9), worker_idle=False) == (0, None)  # exactly safety_s early: on time
     level, d = p.choose(1, 10.0, (9.99, 9.9), worker_idle=False)  # 10 ms inside the safety margin
     assert level == 1 and d == Decision("raise", 1, "chunk 1 predicted 10 ms late")
@@ -79,26 +79,26 @@ def test_raises_to_the_boost_cache_when_a_chunk_is_predicted_late():
 
 
 def test_skips_a_chunk_when_the_boost_cache_is_late_too_but_never_on_an_idle_worker():
-    p = Backpressure(recover_chunks=3)
+    p = Backpressure(2, recover_chunks=3)
     level, d = p.choose(0, 10.0, (10.3, 10.1), worker_idle=False)
-    assert level == SKIP and d.action == "raise" and d.level == SKIP and "300 ms late" in d.reason
+    assert level == 2 and d.action == "raise" and d.level == 2 and "300 ms late" in d.reason
     assert p.level == 1  # skipping is per chunk: the next one tries the boost cache again
     level, d = p.choose(1, 10.0, (10.3, 9.9), worker_idle=False)
     assert (level, d) == (1, None)
-    q = Backpressure(recover_chunks=3)
+    q = Backpressure(2, recover_chunks=3)
     level, d = q.choose(0, 10.0, (10.3, 10.1), worker_idle=True)  # nothing queued: generate, keep timing
     assert level == 1 and d == Decision("raise", 1, "chunk 0 predicted 300 ms late")
 
 
 def test_steps_down_after_recover_chunks_on_time_and_only_if_the_lower_level_is_on_time():
-    p = Backpressure(recover_chunks=4)
+    p = Backpressure(2, recover_chunks=4)
     assert p.choose(0, 10.0, (10.1, 9.9), False)[0] == 1
     on_time = (9.5, 9.4)
     assert [p.choose(c, 10.0, on_time, False) for c in (1, 2, 3)] == [(1, None)] * 3
     assert p.choose(4, 10.0, on_time, False) == (0, Decision("lower", 0, "4 chunks on time"))
     assert p.level == 0 and p.on_time == 0
     # level 0 still too slow after the recovery count: stay at 1 until it is on time
-    p = Backpressure(recover_chunks=2)
+    p = Backpressure(2, recover_chunks=2)
     p.choose(0, 10.0, (10.1, 9.9), False)
     assert [p.choose(c, 10.0, (10.1, 9.9), False)[0] for c in range(1, 6)] == [1] * 5
     assert p.choose(6, 10.0, on_time, False) == (0, Decision("lower", 0, "6 chunks on time"))
@@ -106,44 +106,67 @@ def test_steps_down_after_recover_chunks_on_time_and_only_if_the_lower_level_is_
 
 def test_steady_load_gives_one_decision_not_oscillation():
     """Level 0 a little late, level 1 on time, for 200 chunks: one raise, then the level holds."""
-    p = Backpressure(recover_chunks=8)
+    p = Backpressure(2, recover_chunks=8)
     out = [p.choose(c, 10.0, (10.01, 9.9), False) for c in range(200)]
     assert [d for _, d in out if d] == [Decision("raise", 1, "chunk 0 predicted 10 ms late")]
     assert {lvl for lvl, _ in out} == {1}
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_policy_invariants_under_random_load(seed):
-    """Random predictions around the deadline: a level is used only when predicted on time (or on an idle
-    worker), skip only when both are late, and a step down comes at least recover_chunks chunks after
-    the previous decision (no oscillation)."""
+def test_a_ladder_of_three_cache_levels_raises_to_the_first_on_time_and_steps_down_one_at_a_time():
+    p = Backpressure(3, recover_chunks=2)
+    level, d = p.choose(0, 10.0, (10.2, 10.1, 9.9), worker_idle=False)  # levels 0 and 1 late: straight to 2
+    assert (level, d) == (2, Decision("raise", 2, "chunk 0 predicted 200 ms late"))
+    on_time = (9.5, 9.4, 9.3)
+    assert [p.choose(c, 10.0, on_time, False) for c in (1, 2, 3, 4)] == [
+        (2, None), (1, Decision("lower", 1, "2 chunks on time")), (1, None), (0, Decision("lower", 0, "2 chunks on time"))]
+    level, d = p.choose(5, 10.0, (10.3, 10.2, 10.1), worker_idle=False)  # every cache level late: skip
+    assert (level, d.level, p.level) == (3, 3, 2)
+    assert p.choose(6, 10.0, (10.3, 10.2, 10.1), worker_idle=True)[0] == 2  # never skip on an idle worker
+
+
+def test_a_single_cache_level_skips_when_late():
+    p = Backpressure(1, recover_chunks=2)
+    assert p.choose(0, 10.0, (10.1,), worker_idle=False) == (1, Decision("raise", 1, "chunk 0 predicted 100 ms late"))
+    assert p.level == 0 and p.choose(1, 10.0, (9.0,), worker_idle=False) == (0, None)
+    assert p.choose(2, 10.0, (10.1,), worker_idle=True)[0] == 0
+    with pytest.raises(ValueError):
+        Backpressure(0, recover_chunks=2)
+
+
+@pytest.mark.parametrize("levels,seed", [(2, s) for s in range(5)] + [(3, s) for s in range(3)] + [(1, 0)])
+def test_policy_invariants_under_random_load(levels, seed):
+    """Random predictions around the deadline: a level is used only when predicted on time (or the top
+    cache level on an idle worker), skip only when every cache level is late, and a step down comes at
+    least recover_chunks chunks after the previous decision (no oscillation)."""
     rng = random.Random(seed)
-    recover, safety, deadline = 5, 0.02, 10.0
-    p = Backpressure(recover_chunks=recover, safety_s=safety)
+    recover, safety, deadline, top = 5, 0.02, 10.0, levels - 1
+    p = Backpressure(levels, recover_chunks=recover, safety_s=safety)
     last_decision, actions = -1, []
     for c in range(2000):
         spread = rng.choice((0.05, 0.3))
-        finish = (deadline + rng.uniform(-spread, spread), deadline + rng.uniform(-spread, spread) - 0.05)
+        finish = [deadline + rng.uniform(-spread, spread) - 0.05 * lvl for lvl in range(levels)]
         idle = rng.random() < 0.1
         before = p.level
         level, d = p.choose(c, deadline, finish, idle)
         on_time = [f <= deadline - safety for f in finish]
-        if level == SKIP:
-            assert not on_time[1] and not idle
+        if level == levels:
+            assert not any(on_time[before:]) and not idle
         elif not on_time[level]:
-            assert level == 1 and idle and not on_time[1]  # the idle worker generates anyway
+            assert level == top and idle and not any(on_time[before:])  # the idle worker generates anyway
         if level < before:
             assert d and d.action == "lower" and level == before - 1
             assert c - last_decision >= recover, (c, last_decision)
             assert on_time[level]
         if level > before:
             assert d and d.action == "raise"
+            assert level == levels or level == top and idle or not any(on_time[before:level])  # the first on time
         if d:
             assert d.level == level
             last_decision = c
             actions.append(d.action)
-        assert p.level in (0, 1)
-    assert actions.count("lower") > 10 and actions.count("raise") > 10  # the load did move the level
+        assert 0 <= p.level <= top
+    assert actions.count("raise") > 10  # the load did move the level
+    assert levels == 1 or actions.count("lower") > 10
 
 
 # ------------------------------------------------------------------------------- chunk records

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from streaming.worker import ChunkRequest, EndSession, GenerationWorker, next_batch
+from streaming.protocol import ChunkRequest, EndSession
+from streaming.worker import GenerationWorker
+from streaming.worker_process import next_batch
 
 torch.set_num_threads(1)
 
@@ -29,35 +31,37 @@ def test_next_batch_one_chunk_per_session_in_order():
     assert len(next_batch(_req(0, "a"), backlog, max_batch=1)) == 1 and len(backlog) == 2
 
 
-def _worker(batch_ms):
-    w = GenerationWorker.__new__(GenerationWorker)  # the server-side bookkeeping only, no process
-    w.batch_ms, w._jobs, w.pending, w._speaking = batch_ms, {}, 0, {}
-    w.pipelined, w.decode_ms, w.first_ms, w._heads = False, [0.0], [0.0], {}
+def _worker(dit_ms, decode_ms=(0.0,), first_ms=(0.0,), pipelined=False):
+    """The server-side bookkeeping only, no process: per level the DiT ms of a batch of 1, 2, ... chunks."""
+    w = GenerationWorker.__new__(GenerationWorker)
+    w.dit_ms, w._jobs, w.pending, w._speaking = [list(d) for d in dit_ms], {}, 0, {}
+    w.pipelined, w.decode_ms, w.first_ms, w._heads = pipelined, list(decode_ms), list(first_ms), {}
+    w._decoding = {}
+    w.cfg = type("DiTConfig", (), {"frames": 4})()
+    w.config = type("Config", (), {"live": type("Live", (), {"batch_wait_ms": 30})()})()
     import threading
     w._lock = threading.Lock()
     return w
 
 
 def test_sessions_supported_by_throughput_and_latency():
-    w = _worker([[100.0, 170.0, 230.0], [80.0, 140.0, 185.0]])  # levels 0 and 1
-    w.cfg = type("DiTConfig", (), {"frames": 4})()
-    w.config = type("Config", (), {"live": type("Live", (), {"batch_wait_ms": 30})()})()
+    w = _worker([[100.0, 170.0, 230.0], [80.0, 140.0, 185.0]])  # levels 0 and 1, in sequence, decoding free
     assert w.sessions_supported(slack_ms=140) == (1, 0, 100.0)  # a batch of 2 needs 140 + 30 ms
-    w.batch_ms[1][1] = 130.0
+    w.dit_ms[1][1] = 130.0
     assert w.sessions_supported(slack_ms=220) == (2, 1, 130.0)  # level 1 serves two (170 > 136 ms)
     assert w.sessions_supported(slack_ms=1000)[0] == 2  # 3 sessions: 185 ms per 160 ms of speech
-    w.batch_ms[1][1] = 140.0
+    w.dit_ms[1][1] = 140.0
     assert w.sessions_supported(slack_ms=1000)[0] == 1  # 140 ms is over 85% of the 160 ms period
     assert w.sessions_supported(slack_ms=50)[0] == 0
 
 
 def test_predictions_count_rounds_of_batches():
     w = _worker([[100.0, 150.0, 190.0]])  # ms of a batch of 1, 2, 3 chunks
-    assert w.rounds_ms(0, {"a": 1}) == 100.0
-    assert w.rounds_ms(0, {"a": 1, "b": 1}) == 150.0  # one batch of two
-    assert w.rounds_ms(0, {"a": 3}) == 300.0  # one session's chunks never share a batch
-    assert w.rounds_ms(0, {"a": 2, "b": 1}) == 150.0 + 100.0
-    assert w.batch_estimate_ms(0, 4) == 190.0 + 100.0  # past max_batch: another batch
+    assert w.first_frame_ms(0, [1]) == 100.0
+    assert w.first_frame_ms(0, [2]) == 150.0  # one batch of two
+    assert w.first_frame_ms(0, [1, 1, 1]) == 300.0  # one session's chunks never share a batch
+    assert w.first_frame_ms(0, [2, 1]) == 150.0 + 100.0
+    assert w.batch_estimate_ms(0, 4) == 190.0 + 100.0  # past the batch size: another batch
     from streaming.worker import Job
     w._jobs = {1: Job("a", "0", None, 0, None, None), 2: Job("b", "0", None, 0, None, None)}
     assert w.predict_finish(0, 10.0, "c") == pytest.approx(10.0 + 0.19)
@@ -66,44 +70,79 @@ def test_predictions_count_rounds_of_batches():
     assert w.predict_finish(0, 10.1, "d") == pytest.approx(10.1 + 0.19)  # a and c join d's round
     assert w.predict_finish(0, 10.6, "d") == pytest.approx(10.6 + 0.1)  # they have been silent 0.5 s
     seq = _worker([[100.0]])  # a level that cannot batch
-    assert seq.rounds_ms(0, {"a": 1, "b": 1}) == 200.0
+    assert seq.batch_estimate_ms(0, 2) == seq.first_frame_ms(0, [2]) == 200.0
 
 
 def test_predictions_are_for_the_first_frame_of_a_chunk():
-    """A chunk's first frame is due first and decoded first. Pipelined (decoding beside the next batch's DiT),
-    a round holds the worker for its slower stage (batch_ms) and the first frames follow it by their decode;
-    in sequence a round holds both stages and the first frames come out before the rest is decoded."""
-    w = _worker([[60.0, 90.0]])  # max(DiT, decode) of a batch of 1, 2
-    w.pipelined, w.decode_ms, w.first_ms = True, [30.0, 55.0], [10.0, 18.0]
+    """A chunk's first frame is due first and decoded first. Pipelined (decoding beside the next batch's
+    DiT), a batch holds the worker for its slower stage, and a chunk's first frame is ready once its own DiT
+    has ended and the decode thread has decoded it (after the batches before it); in sequence a batch runs
+    both stages and the first frames come out before the rest is decoded."""
+    w = _worker([[60.0, 90.0]], decode_ms=[30.0, 55.0], first_ms=[10.0, 18.0], pipelined=True)
     assert w.predict_finish(0, 10.0, "a") == pytest.approx(10.0 + 0.06 + 0.01)
     from streaming.worker import Job
     w._jobs = {1: Job("a", "0", None, 0, None, None)}
-    assert w.predict_finish(0, 10.0, "a") == pytest.approx(10.0 + 0.12 + 0.01)  # its earlier chunk first
+    assert w.predict_finish(0, 10.0, "a") == pytest.approx(10.0 + 0.12 + 0.01)  # after its earlier chunk's DiT
     assert w.predict_finish(0, 10.0, "b") == pytest.approx(10.0 + 0.09 + 0.018)  # a and b in one batch
-    w.cfg = type("DiTConfig", (), {"frames": 4})()
-    w.config = type("Config", (), {"live": type("Live", (), {"batch_wait_ms": 30})()})()
-    assert w.sessions_supported(slack_ms=200) == (2, 0, 90.0)  # 90 <= 136 ms a period, 90 + 18 <= 170
+    assert w.batch_ms == [[60.0, 90.0]] and w.sessions_supported(slack_ms=200) == (2, 0, 90.0)
     assert w.sessions_supported(slack_ms=130)[0] == 1  # 90 + 18 > 100 ms of slack: one session only
-    w.pipelined, w.batch_ms = False, [[90.0, 145.0]]  # in sequence: DiT + decode
-    assert w.predict_finish(0, 10.6, "a") == pytest.approx(10.6 + 0.09 + 0.09 - 0.03 + 0.01)  # b silent
+    w.pipelined = False  # in sequence: DiT + decode
+    assert w.batch_ms == [[90.0, 145.0]]
+    assert w.predict_finish(0, 10.6, "a") == pytest.approx(10.6 + 0.06 + 0.03 + 0.06 + 0.01)  # b silent
+
+
+def test_where_decoding_is_the_slower_stage_a_first_frame_waits_for_its_own_dit_not_a_decode():
+    """A slow CPU (AVX2, fp32): DiT 70 ms, decoding 105 ms a chunk. Alone, a chunk's first frame is ready
+    after its DiT and its first frame's decode (70 + 28), not after a round of the slower stage (105 + 28);
+    with chunks queued ahead, the decode thread's backlog delays it."""
+    w = _worker([[70.0]], decode_ms=[105.0], first_ms=[28.0], pipelined=True)
+    assert w.first_frame_ms(0, [1]) == pytest.approx(98.0)
+    assert w.batch_estimate_ms(0, 1) == 105.0  # what the worker can sustain: one chunk per 105 ms
+    # two ahead: DiTs end at 70, 140, 210; decodes run 70-175, 175-280; the third's first frame 280 + 28
+    assert w.first_frame_ms(0, [1, 1, 1]) == pytest.approx(308.0)
+    assert w.sessions_supported(slack_ms=140 + 30) == (1, 0, 105.0)
+
+
+def test_a_chunk_past_its_dit_counts_only_as_the_decoder_busy():
+    """The previous chunk of the session has left the DiT (DitDone) and is being decoded: the next one's
+    DiT starts at once and its first frame waits for the decoder only if that is still busy then. Counting
+    the previous chunk as a whole round ahead predicted every other chunk late on a slow CPU."""
+    from streaming.protocol import ChunkDone, DitDone
+    from streaming.worker import Job
+    w = _worker([[70.0]], decode_ms=[105.0], first_ms=[28.0], pipelined=True)
+    w.gen_ms, w._out = [175.0], __import__("queue").Queue()
+    w._jobs = {1: Job("a", "0", None, 0, None, lambda f, i: None)}
+    w.pending = 1
+    assert w.predict_finish(0, 10.0, "a") == pytest.approx(10.0 + 0.07 + 0.105 + 0.028)  # a whole round ahead
+    w._out.put(DitDone([1], 9.95))  # its DiT ended 50 ms ago: the decoder is busy until 10.055
+    w._out.put(None)
+    w._read()
+    assert w._decoding == {1: (9.95, 1)}
+    assert w.predict_finish(0, 10.0, "a") == pytest.approx(10.0 + 0.07 + 0.028)  # the decoder is free by 10.07
+    assert w.predict_finish(0, 10.0 - 0.04, "a") == pytest.approx(10.055 + 0.028)  # not yet: its first frame waits
+    w._out.put(ChunkDone(1, np.zeros((4, 2, 2, 3), np.uint8), {"level": 0, "batch": 1, "dit_ms": 70.0,
+                                                                 "decode_ms": 105.0, "first_ms": 28.0}))
+    w._out.put(None)
+    w._read()
+    assert w._decoding == {} and w.pending == 0
 
 
 def test_learning_keeps_each_stage_apart():
-    w = _worker([[100.0, 150.0]])
-    w.gen_ms, w.decode_ms, w.first_ms, w.pipelined = [100.0], [30.0, 50.0], [10.0, 15.0], True
+    w = _worker([[100.0, 150.0]], decode_ms=[30.0, 50.0], first_ms=[10.0, 15.0], pipelined=True)
+    w.gen_ms = [100.0]
     w._learn({"level": 0, "batch": 2, "dit_ms": 80.0, "decode_ms": 60.0, "first_ms": 20.0})
-    assert w.batch_ms[0][1] == pytest.approx(0.8 * 150 + 0.2 * 80)  # the slower stage
+    assert w.dit_ms[0][1] == pytest.approx(0.8 * 150 + 0.2 * 80)
     assert w.decode_ms[1] == pytest.approx(0.8 * 50 + 0.2 * 60) and w.gen_ms == [100.0]
     assert w.first_ms[1] == pytest.approx(0.8 * 15 + 0.2 * 20)
-    w.pipelined = False
     w._learn({"level": 0, "batch": 1, "dit_ms": 70.0, "decode_ms": 30.0, "first_ms": 10.0})
-    assert w.batch_ms[0][0] == pytest.approx(100.0) and w.gen_ms[0] == pytest.approx(100.0)  # both stages
+    assert w.dit_ms[0][0] == pytest.approx(0.8 * 100 + 0.2 * 70) and w.gen_ms[0] == pytest.approx(100.0)
 
 
 def test_reader_gives_first_frames_early_or_with_the_rest():
     """The server side: a job with an `early` callback gets its first frame at once and the rest after; a
     job without one gets all its frames in `done`."""
-    from streaming.worker import ChunkDone, FirstFrame, Job
+    from streaming.protocol import ChunkDone, FirstFrame
+    from streaming.worker import Job
     w = _worker([[100.0]])
     w.gen_ms, w._out = [100.0], __import__("queue").Queue()
     calls = []
@@ -137,8 +176,8 @@ def test_batched_chunks_equal_the_same_chunks_alone(model):
     from engine.caching import attach, cache_config
     from engine.generator import ChunkGenerator, chunk_batch, load_avatar
     cfg, m = model
-    cache = cache_config("synccache", cfg.live.steps, schedule=cfg.path(cfg.live.schedule),
-                         stream_schedule=cfg.path(cfg.live.schedule), calibration=cfg.path(cfg.cache.calibration))
+    cache = cache_config("synccache", cfg.live.steps, schedule=cfg.path(cfg.live.levels[0].schedule),
+                         stream_schedule=cfg.path(cfg.live.levels[0].schedule), calibration=cfg.path(cfg.cache.calibration))
     rng = np.random.default_rng(0)
     audio = [torch.from_numpy((0.1 * rng.standard_normal(16000 * 2)).astype(np.float32)) for _ in range(3)]
 
@@ -175,7 +214,7 @@ def test_batched_chunks_equal_the_same_chunks_alone(model):
 
 def test_gather_waits_only_for_expected_sessions():
     import queue as q
-    from streaming.worker import gather
+    from streaming.worker_process import gather
     inq = q.Queue()
     inq.put(_req(1, "b"))
     batch, backlog = [_req(0, "a")], collections.deque()
@@ -212,7 +251,7 @@ def test_worker_process_batches_sessions_on_one_grid():
     cfg.live.max_batch = 4
     w = GenerationWorker(cfg)
     try:
-        assert len(w.batch_ms[0]) == 4 and w.batch_ms[0][1] > w.batch_ms[0][0]
+        assert len(w.dit_ms[0]) == 4 and w.dit_ms[0][1] > w.dit_ms[0][0]
         got, done = [], threading.Event()
         window = np.zeros(12 * 640, np.float32)
 
@@ -222,14 +261,15 @@ def test_worker_process_batches_sessions_on_one_grid():
                 if len(got) == 13:
                     done.set()
             return f
+        top = len(w.level_names) - 1  # the cheapest level: the worker keeps up on slow CPUs too
         t0 = time.monotonic()
         for c in range(6):
             # every 300 ms, not the live grid's 160: a batch of two takes ~160-180 ms here, and a worker
             # that falls behind pairs a's chunk c with b's chunk c - 1 (this test checks pairing, not speed)
             time.sleep(max(0.0, t0 + 0.3 * c - time.monotonic()))
-            w.submit(Job("a", "0", window, 1, None, cb("a", c)))
+            w.submit(Job("a", "0", window, top, None, cb("a", c)))
             time.sleep(0.006)
-            w.submit(Job("b", "5", window, 1, None, cb("b", c)))
+            w.submit(Job("b", "5", window, top, None, cb("b", c)))
         time.sleep(0.6)  # a and b fall silent
         w.submit(Job("c", "0", window, 0, None, cb("c", 0)))
         assert done.wait(60)
@@ -258,14 +298,15 @@ def test_bench_batch_reports_both_ways(tmp_path, capsys):
 
 
 def test_decode_stage_on_its_thread_gives_the_frames_inline_decoding_gives():
-    """The worker's two stages (streaming.worker.DecodeStage): two sessions, three chunks each, denoised as
+    """The worker's two stages (streaming.worker_process.DecodeStage): two sessions, three chunks each, denoised as
     batches and decoded on the stage's own thread come out bit-identical, chunk for chunk, to the same
     batches decoded inline; a batch that fails to decode reports an error for each of its chunks and the
     stage goes on."""
     import queue
 
     from engine.config import load_config
-    from streaming.worker import ChunkDone, DecodeStage, Denoised, FirstFrame, _Worker
+    from streaming.protocol import ChunkDone, FirstFrame
+    from streaming.worker_process import DecodeStage, Denoised, _Worker
     cfg = load_config()
     w = _Worker(cfg)
     rng = np.random.default_rng(1)

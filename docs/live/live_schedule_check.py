@@ -4,7 +4,8 @@ test clips) at the live engine's 10 steps, scored by lip sync and the picture.
     .venv/bin/python docs/live/live_schedule_check.py data/dev 8 docs/live/live_schedule_check.json \
         configs/synccache/ref-XS-10.json:1 configs/synccache/ref-XS-10.json:0 OLD.json:0
 
-Each candidate is SCHEDULE:forecast. Frames decode with the shipped model in fp32 (the worker's bf16
+Each candidate is SCHEDULE:forecast[:guidance] (guidance: the model's 3.0 unless given; 1.0 = off, half the
+DiT batch). Frames decode with the shipped model in fp32 (the worker's bf16
 changes frames by 59-64 dB PSNR); no timing here (reuse counts set the speed).
 """
 import json
@@ -28,11 +29,12 @@ for clip in load_clips(corpus, n):
     ident = json.loads(str(clip["meta"]))["identity"]
     avatar = Avatar("dev", clip["ref"], clip["ref_person_mask"].astype(bool), clip["ref_face_mask"].astype(bool))
     for c in rows:
-        cache = None
+        cache, guidance = None, 3.0
         if c != "uncached":
-            path, fc = c.rsplit(":", 1)
+            path, fc, *g = c.split(":")
             cache = SyncCacheConfig(schedule=Schedule.load(path), forecast=int(fc))
-        frames, _ = render_frames(model, avatar, clip["audio"], steps=10, cache=cache)
+            guidance = float(g[0]) if g else guidance
+        frames, _ = render_frames(model, avatar, clip["audio"], steps=10, cache=cache, guidance=guidance)
         lip = evaluate_arrays(frames, clip["audio"], clip["openness"][:len(frames)])
         rows[c].append({"sync_conf": lip["sync_conf"], "gt_corr": lip["gt_corr"], "offset": lip["offset_frames"],
                         "face_psnr": face_psnr(frames, ident, 4)["median"]})

@@ -25,7 +25,7 @@ def _setup():
     cfg = load_config(DEFAULT_CONFIG)
     m = load_model(cfg.path(cfg.model.weights))
     gen, audio, _ = _inputs(m, cfg, cfg.model.guidance)
-    handle = attach(m.dit, cache_config("synccache", cfg.live.steps, schedule=cfg.path(cfg.live.schedule)))
+    handle = attach(m.dit, cache_config("synccache", cfg.live.steps, schedule=cfg.path(cfg.live.levels[0].schedule)))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         z = _dit(handle, gen, audio, CHUNK_START)
     return handle, gen, audio, CHUNK_START, z

@@ -17,7 +17,7 @@ from engine.bench_audio import _inputs, CHUNK_START
 from engine.caching import attach, cache_config
 cfg = load_config(DEFAULT_CONFIG)
 models = {k: load_model(p) for k, p in zip(("A", "B"), sys.argv[1:3])}
-live = cache_config("synccache", 10, schedule=cfg.path(cfg.live.schedule))
+live = cache_config("synccache", 10, schedule=cfg.path(cfg.live.levels[0].schedule))
 gens = {k: _inputs(m, cfg, 3.0) for k, m in models.items()}
 ms = {k: [] for k in models}
 for r in range(int(sys.argv[3]) if len(sys.argv) > 3 else 9):
