@@ -12,10 +12,10 @@ are filled with silence so the input keeps pace), and frame i goes out at t0 + D
 input audio of that same frame, so sound and picture cannot drift apart. D is `playout_delay_ms`.
 
 Backpressure: before queueing a speech chunk the policy predicts when it would be ready; if that misses
-the chunk's deadline it raises the cache level (a plan that reuses more: `[live] boost_schedules`), and if
-the top one is still late it turns the chunk idle (skip). After `recover_chunks` chunks on time it steps
-back down a level. Every decision is
-published to telemetry. The queue holds at most `max_ahead_chunks` chunks, so latency stays bounded.
+the chunk's deadline it raises the level (a cheaper rung of `[[live.levels]]`: more reuse, no
+guidance), and if the top one is still late it turns the chunk idle (skip). After `recover_chunks`
+chunks on time it steps back down a level. Every decision is published to telemetry. The queue holds at
+most `max_ahead_chunks` chunks, so latency stays bounded.
 
 What is pure (which audio forms a chunk and when, the policy, the chunk records) lives in
 `streaming/policy.py`; this module is the I/O around it: audio in, the worker's callbacks, pacing, publishing.

@@ -31,7 +31,7 @@ SDP_OK_LINES = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nm=video 9 UDP/TLS/RTP/
 
 class StubEngine:
     """What AvatarServer reads of the engine before a session exists."""
-    pending, gen_ms, batch_ms = 0, [1.0], [[1.0]]
+    pending, gen_ms, batch_ms, dit_ms = 0, [1.0], [[1.0]], [[1.0]]
     precision, audio_backend = "fp32", "torch"
     supported = 4  # sessions the worker serves on time (sessions_supported)
 
