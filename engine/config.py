@@ -59,7 +59,10 @@ class LiveConfig:
     steps: int = 10  # Euler steps per live chunk (uncached dev sync_conf: 0.792 at 10 steps, 0.799 at 20)
     # the backpressure ladder, gentlest first ([[live.levels]] tables): level 0 while chunks are on time,
     # each level up cheaper (more reuse, then no guidance); above the last, whole chunks go idle
-    levels: list = field(default_factory=lambda: [LevelConfig("synccache", "configs/synccache/ref-XS-10.json")])
+    levels: list = field(default_factory=lambda: [  # as configs/default.toml ships them
+        LevelConfig("synccache", "configs/synccache/ref-XS-10-gentle.json"),
+        LevelConfig("synccache", "configs/synccache/ref-XS-10-boost.json", 1.0),
+        LevelConfig("synccache", "configs/synccache/ref-XS-10-max.json", 1.0)])
     precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto": the faster, timed at worker start-up
     lookahead_wait: int = 2  # look-ahead frames a chunk waits for (the model has 2; fewer = zeros, less latency)
     playout_delay_ms: int = 400  # frame i is shown this long after its audio was captured (one clock)
