@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from engine.model.audio_encoder import AudioEncoder, audio_window
-from engine.model.autoencoder import AEConfig, FrameAutoencoder, warp
+import torch.nn.functional as F
+
+from engine.model.autoencoder import AEConfig, FrameAutoencoder, ResBlock, up_conv3x3, warp
 from engine.model.avatar import DEFAULT_WEIGHTS, AvatarModel, load_model
 from engine.model.dit import PRESETS, AvatarDiT
 from engine.sampler import sample, timesteps
@@ -33,6 +35,24 @@ def test_warp_moves_pixels_by_the_flow():
     out = warp(img, flow)
     assert torch.allclose(out[..., :, :-3], img[..., :, 3:], atol=1e-5)
     assert not torch.allclose(out, img, atol=1e-2)
+
+
+def test_upsampled_convs_run_at_the_low_resolution_exactly():
+    """up_conv3x3 and ResBlock.forward_up (the decoder's up path) equal the plain forms on an upsampled
+    map: every parity of every pixel, the borders, both kinds of skip, non-square sizes."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 6, 9, generator=g), torch.randn(7, 5, 3, 3, generator=g)
+    up = F.interpolate(x, scale_factor=2, mode="nearest")
+    assert torch.allclose(up_conv3x3(x, w), F.conv2d(up, w, padding=1), atol=1e-5)
+    assert not torch.allclose(up_conv3x3(x, w.flip(2)), F.conv2d(up, w, padding=1), atol=1e-2)  # it can fail
+    for c_low, c_rest, c_out in [(8, 8, 16), (8, 8, 8), (16, 6, 8)]:  # a 1x1 skip; an identity skip
+        blk = ResBlock(c_low + c_rest, c_out).eval()
+        with torch.no_grad():
+            for p in blk.parameters():
+                p.normal_(0, 0.3, generator=g)
+            low, rest = torch.randn(3, c_low, 5, 4, generator=g), torch.randn(3, c_rest, 10, 8, generator=g)
+            plain = blk(torch.cat([F.interpolate(low, scale_factor=2, mode="nearest"), rest], 1))
+            assert torch.allclose(blk.forward_up(low, rest), plain, atol=1e-5), (c_low, c_rest, c_out)
 
 
 def test_flow_decoder_starts_as_the_plain_decoder():

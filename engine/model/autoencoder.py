@@ -46,6 +46,43 @@ class ResBlock(nn.Module):
         h = self.norm2(self.conv2(h))
         return F.silu(h + self.skip(x))
 
+    def forward_up(self, low, rest):
+        """self(cat([nearest 2x upsample of low, rest])) without building the upsampled map: the convs' part
+        that reads `low` runs at its resolution (up_conv3x3; the 1x1 skip before the upsampling)."""
+        c = low.shape[1]
+        w = self.conv1.weight
+        h = up_conv3x3(low, w[:, :c]) + F.conv2d(rest, w[:, c:], self.conv1.bias, padding=1)
+        h = self.norm2(self.conv2(F.silu(self.norm1(h))))
+        if isinstance(self.skip, nn.Identity):
+            skip = torch.cat([F.interpolate(low, scale_factor=2, mode="nearest"), rest], 1)
+        else:
+            sw = self.skip.weight
+            skip = F.interpolate(F.conv2d(low, sw[:, :c]), scale_factor=2, mode="nearest") + \
+                F.conv2d(rest, sw[:, c:], self.skip.bias)
+        return F.silu(h + skip)
+
+
+def _pair_taps(k, dim):
+    """3x3 taps along dim -> the 2 taps each output parity of a nearest 2x upsample reads: [(even), (odd)]."""
+    a, b, c = k.unbind(dim)
+    return torch.stack([a, b + c], dim), torch.stack([a + b, c], dim)
+
+
+def up_conv3x3(x, weight):
+    """conv2d(nearest 2x upsample of x, weight [Co, Ci, 3, 3], padding=1), computed at x's resolution.
+
+    Output pixel (2i + a, 2j + b) of a 3x3 conv over the upsampled map reads only 2x2 distinct pixels of x
+    (rows i - 1, i for a = 0 and i, i + 1 for a = 1; columns likewise), so each of the four parities is a
+    2x2 conv of x whose taps are the 3x3 taps summed that land on the same pixel: 16 taps per pixel of x
+    instead of 36, and no upsampled copy. Equal to the plain form up to float rounding (tested).
+    """
+    co, (n, _, hh, ww) = weight.shape[0], x.shape
+    kernels = [kb for ka in _pair_taps(weight, 2) for kb in _pair_taps(ka, 3)]  # parities (0,0) (0,1) (1,0) (1,1)
+    out = F.conv2d(F.pad(x, (1, 1, 1, 1)), torch.cat(kernels))  # [N, 4 Co, H + 1, W + 1]
+    parts = [out[:, k * co:(k + 1) * co, a:a + hh, b:b + ww] for k, (a, b) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)])]
+    # [N, Co, a, b, H, W] -> [N, Co, H, a, W, b] -> [N, Co, 2H, 2W]
+    return torch.stack(parts, 2).view(n, co, 2, 2, hh, ww).permute(0, 1, 4, 2, 5, 3).reshape(n, co, 2 * hh, 2 * ww)
+
 
 class Encoder(nn.Module):
     """Image [B,3,128,128] in [-1,1] -> latent [B,C,8,8]."""
@@ -154,11 +191,10 @@ class RefDecoder(nn.Module):
         h = self.mid(F.silu(self.inp(torch.cat([z, ref_feats[-1]], 1))))
         flow = self.flow[0](h) if self.use_flow else None  # [B, 2, 8, 8]
         for k, (block, rf) in enumerate(zip(self.up, reversed(ref_feats[1:-1]))):
-            h = F.interpolate(h, scale_factor=2, mode="nearest")
             if self.use_flow:
-                flow = _resize(flow, h.shape[-1])
+                flow = _resize(flow, 2 * h.shape[-1])
                 rf = warp(rf, flow)
-            h = block(torch.cat([h, rf], 1))
+            h = block.forward_up(h, rf)  # = block(cat([nearest 2x upsample of h, rf]))
             if self.use_flow:
                 flow = flow + self.flow[k + 1](h)
         delta = F.pixel_shuffle(self.head(h), 2)  # [B, 3, 128, 128]
@@ -169,8 +205,8 @@ class RefDecoder(nn.Module):
             return warp(ref_image, flow) + delta
         r0, r1, c0, c1 = win = self.fine_window
         f, d = flow[..., r0:r1, c0:c1], delta[..., r0:r1, c0:c1]
-        h = F.interpolate(h[..., r0 // 2:r1 // 2, c0 // 2:c1 // 2], scale_factor=2, mode="nearest")
-        g = self.fine(torch.cat([h, warp(ref_feats[0], f, win), warp(ref_image, f, win), d], 1))
+        g = self.fine.forward_up(h[..., r0 // 2:r1 // 2, c0 // 2:c1 // 2],  # 2x upsampled, like the rest
+                                 torch.cat([warp(ref_feats[0], f, win), warp(ref_image, f, win), d], 1))
         correction = self.fine_out(g) * self.fine_taper.to(g.dtype)
         inner = warp(ref_image, f + correction[:, :2], win) + d + correction[:, 2:]
         if inner.shape[-2:] == delta.shape[-2:]:
