@@ -25,18 +25,6 @@ from streaming.worker_process import main as worker_main
 # (docs/live/two_sessions_480.json): WebRTC, the clients and jitter need the rest of these 2 cores
 HEADROOM = 0.85
 
-# How the measured times of live batches move the estimates (GenerationWorker._learn): a running mean that
-# takes half of a slowdown at once and a tenth of a speed-up. A CPU another process has just taken makes
-# every chunk predicted with the old times late (the policy only raises after one is predicted late), one
-# that frees up only leaves slack unused for a few chunks. Stop 16 (symmetric 0.2) under a browser's load
-# on the same 2 cores: 22 of 63 chunks late, most right after the policy stepped down on stale times.
-LEARN_SLOWER, LEARN_FASTER = 0.5, 0.1
-
-
-def _tracked(old: float, new: float) -> float:
-    """The running mean of a stage's time after one more measurement (LEARN_SLOWER, LEARN_FASTER)."""
-    return old + (LEARN_SLOWER if new > old else LEARN_FASTER) * (new - old)
-
 
 @dataclass
 class IdleLoop:
@@ -332,24 +320,17 @@ class GenerationWorker:
                     fn(loop)
 
     def _learn(self, info: dict) -> None:
-        """Running means (_tracked) of the measured times of a finished batch (alone: its latency as gen_ms).
-
-        The load of the machine moves every level and batch size alike, so what a batch teaches about its
-        own stage time scales the whole stage's table: a slowdown measured at the top level makes the lower
-        levels' predictions slower too, and the policy does not step down onto a level whose time was last
-        measured on an idle CPU."""
+        """Running means of the measured times of a finished batch (alone: its latency as gen_ms)."""
         lvl, n, dit, dec = info["level"], info.get("batch", 1), info["dit_ms"], info["decode_ms"]
         if n <= len(self.first_ms):
-            self.first_ms[n - 1] = _tracked(self.first_ms[n - 1], info["first_ms"])
+            self.first_ms[n - 1] = 0.8 * self.first_ms[n - 1] + 0.2 * info["first_ms"]
         if n == 1:
             prev = self.gen_ms[lvl]
-            self.gen_ms[lvl] = dit + dec if prev is None else _tracked(prev, dit + dec)
-        if n <= len(self.dit_ms[lvl]) and self.dit_ms[lvl][n - 1] > 0:
-            scale = _tracked(self.dit_ms[lvl][n - 1], dit) / self.dit_ms[lvl][n - 1]
-            self.dit_ms = [[ms * scale for ms in d] for d in self.dit_ms]
-        if n <= len(self.decode_ms) and self.decode_ms[n - 1] > 0:
-            scale = _tracked(self.decode_ms[n - 1], dec) / self.decode_ms[n - 1]
-            self.decode_ms = [ms * scale for ms in self.decode_ms]
+            self.gen_ms[lvl] = dit + dec if prev is None else 0.8 * prev + 0.2 * (dit + dec)
+        if n <= len(self.dit_ms[lvl]):
+            self.dit_ms[lvl][n - 1] = 0.8 * self.dit_ms[lvl][n - 1] + 0.2 * dit
+        if n <= len(self.decode_ms):
+            self.decode_ms[n - 1] = 0.8 * self.decode_ms[n - 1] + 0.2 * dec
 
     def close(self):
         if self.closed:
