@@ -24,6 +24,7 @@ flat and keeps what it receives in a Capture; the analysis below it reads arrays
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import sys
 import time
@@ -526,8 +527,14 @@ def compute_stats(cap: Capture, openness: np.ndarray | None = None,
         "sync_offset_ms": sync_off,
         "audio_received_s": round(len(heard) / REC_RATE, 3),
         "telemetry_messages": len(cap.telemetry),
+        "chunk_kinds": chunk_kinds(cap.telemetry),
         "disconnected": cap.disconnected,
     }
+
+
+def chunk_kinds(telemetry: list) -> dict:
+    """How many chunks of each kind (speech, idle, skipped, late, ...) the data channel's chunk messages told."""
+    return dict(collections.Counter(m.get("kind") for m in telemetry if isinstance(m, dict) and m.get("type") == "chunk"))
 
 
 def _speech_openness(audio: np.ndarray) -> np.ndarray:

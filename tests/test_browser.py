@@ -8,7 +8,8 @@ head hears in the WAV, placed on the page's clock (Chromium starts the file when
 and loops it): the peak Pearson r over mic-to-screen delays of 0-2.5 s, r within the speech alone at
 that delay (syllables, not just sound vs silence) and mean openness in speech vs in the pauses.
 `test_mouth_check_can_fail` shows the check rejects a closed mouth, a mouth on its own rhythm and one
-that only opens while there is sound.
+that only opens while there is sound. (b) is skipped, after every other check, where the engine did not
+generate 90% of the speech chunks on time (conftest.require_real_time).
 
 The server is conftest's `live_server` (one loopback `syncavatar serve` for the whole test session).
 """
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import require_real_time
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("SYNCAVATAR_CHROMIUM", "/usr/bin/chromium")
@@ -302,13 +305,14 @@ def test_browser_end_to_end(chromium, live_server, mic_wav, tmp_path):
 
     assert not js_errors, f"JavaScript errors on the page: {js_errors}"
     assert fps >= FPS_MIN, f"the page received {fps:.1f} fps (< {FPS_MIN}); {report}"
-    bad = check_mouth(mouth)
-    assert not bad, "; ".join(bad) + f"; {report}"
     assert chunks and seconds, f"telemetry over the data channel: {len(chunks)} chunk and {len(seconds)} second " \
                                f"messages (need both); {report}"
     assert lat, f"chunk messages carry no numeric latency_est_ms: {chunks[:2]}"
     assert all(isinstance(m.get("fps_out"), (int, float)) for m in seconds), f"second messages: {seconds[:2]}"
     assert delete_status < 300, f"DELETE /sessions/{{session}} answered {delete_status}"
+    require_real_time(report["chunk_kinds"], "the mouth on the page")  # where the engine kept up (conftest)
+    bad = check_mouth(mouth)
+    assert not bad, "; ".join(bad) + f"; {report}"
 
 
 def test_browser_with_a_bearer_token(chromium, mic_wav, tmp_path, monkeypatch):

@@ -362,3 +362,18 @@ def test_a_weak_global_lag_does_not_steer_the_matching():
     assert stats["latency_xcorr_corr"] < C.HINT_MIN_CORR
     assert stats["onsets"] == len(onsets)
     assert stats["latency_ms_p50"] == pytest.approx(delay * 1000, abs=46)
+
+
+def test_real_time_gate_of_the_lip_sync_checks():
+    """The client counts chunk kinds from the data channel; the end-to-end tests' lip-sync checks run only
+    where >= 90% of the speech chunks were generated on time (idle chunks do not count), else skip."""
+    from clients.client import chunk_kinds
+    from conftest import require_real_time
+    told = [{"type": "chunk", "kind": "speech"}] * 18 + [{"type": "chunk", "kind": "idle"}] * 30 + \
+        [{"type": "chunk", "kind": "late"}, {"type": "second"}, "not json"]
+    kinds = chunk_kinds(told)
+    assert kinds == {"speech": 18, "idle": 30, "late": 1}
+    require_real_time(kinds, "lips")  # 18 of 19: checked
+    require_real_time({"idle": 40}, "lips")  # nothing was to be generated: checked (and fails there if mouths move)
+    with pytest.raises(pytest.skip.Exception, match="only 18 of 21 speech chunks on time"):
+        require_real_time(kinds | {"skipped": 2}, "lips")

@@ -1,16 +1,19 @@
 """Network faults: server and client in their own network namespaces, over a veth pair that delays every
 packet 80 +- 20 ms and loses 3%, each direction (netem where the kernel has it, else the client's UDP
 impaired in user space: see tests/netfault.py). The stream must keep its frame rate, a bounded latency,
-lips that follow the speech, and the whole utterance."""
+lips that follow the speech, and the whole utterance (the lips only where the engine generated 90% of the
+speech chunks on time: conftest.require_real_time)."""
 import json
 import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from conftest import require_real_time
 from netfault import RESULT_TAG, SERVER_ADDR, Impairment, NamespacesUnavailable, NetnsPair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,19 +107,21 @@ def test_stream_survives_delay_jitter_and_loss(net, tmp_path, record_property):
         assert 0.01 < lost < 0.06, counters
         assert FAULT.delay_ms - FAULT.jitter_ms <= counters["delay_ms_min"] <= counters["delay_ms_max"] \
             <= FAULT.delay_ms + FAULT.jitter_ms, counters
-    # ... and seen end to end: speech goes in and the mouth comes out over the link, each way at least
-    # delay - jitter = 60 ms later (the speech-to-mouth lag from cross-correlation; grid 10 ms)
-    assert None not in (stats["latency_xcorr_ms"], clean["latency_xcorr_ms"]), (clean, stats)
-    assert stats["latency_xcorr_ms"] >= clean["latency_xcorr_ms"] + 2 * (FAULT.delay_ms - FAULT.jitter_ms) - 20, \
-        (clean, stats)
-
     # ... and the stream held up
     assert not stats["disconnected"], stats
     assert stats["frames_received"] >= stats["audio_s"] * 25, stats  # the whole utterance came back
     assert stats["fps"] >= MIN_FPS, stats
     assert stats["latency_ms_p95"] is not None and stats["latency_ms_p95"] < MAX_LATENCY_P95_MS, stats
-    assert stats["sync_conf"] is not None and stats["sync_conf"] > MIN_SYNC_CONF, stats
     assert stats["audio_received_s"] >= stats["audio_s"], stats  # the speech came back too
+
+    # ... and seen end to end in the mouths (where the engine kept up on both runs: conftest): speech goes in
+    # and the mouth comes out over the link, each way at least delay - jitter = 60 ms later (the
+    # speech-to-mouth lag from cross-correlation; grid 10 ms), and the lips follow the speech
+    require_real_time(Counter(clean["chunk_kinds"]) + Counter(stats["chunk_kinds"]), "the mouths' latency and sync")
+    assert None not in (stats["latency_xcorr_ms"], clean["latency_xcorr_ms"]), (clean, stats)
+    assert stats["latency_xcorr_ms"] >= clean["latency_xcorr_ms"] + 2 * (FAULT.delay_ms - FAULT.jitter_ms) - 20, \
+        (clean, stats)
+    assert stats["sync_conf"] is not None and stats["sync_conf"] > MIN_SYNC_CONF, stats
 
 
 def _run_client(net, server, tmp_path, wav, name, shim):
