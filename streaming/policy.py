@@ -91,6 +91,12 @@ class Backpressure:
     lowest level predicted on time when the current one is predicted late; step back down one level
     after `recover_chunks` chunks on time (and only if the lower level would be on time too).
 
+    A level the worker cannot keep up chunk after chunk (`keeps_up[level]` False: its round holds the
+    worker longer than a chunk period) is left like a late one and never stepped down to: a chunk there
+    can be on time itself and still delay every chunk after it. Stop 17, a slow CPU: the policy stepped
+    down to a level whose DiT alone took 280 ms per 160 ms chunk, and the next eight chunks came late. The
+    top cache level counts as kept up (above it there is only skip).
+
     Skip is per chunk: the next chunk tries the top cache level again. An idle worker never skips (it
     would generate nothing, and its time estimates would go stale): such a chunk is generated at the top
     cache level.
@@ -104,29 +110,34 @@ class Backpressure:
         self.on_time = 0  # chunks on time since the last decision, while above level 0
 
     def choose(self, chunk: int, deadline: float, finish: Sequence[float],
-               worker_idle: bool) -> tuple[int, Decision | None]:
+               worker_idle: bool, keeps_up: Sequence[bool] | None = None) -> tuple[int, Decision | None]:
         """-> (level for this chunk, the decision to publish or None).
 
         deadline: when the chunk's first frame goes out; finish[level]: when the worker would have it
         ready at each cache level if it were queued now (the same clock); it must be done safety_s early.
+        keeps_up[level]: whether the worker can hold that level chunk after chunk (None: every level).
         """
         due, top = deadline - self.safety_s, self.skip - 1
 
         def late(level):
             return finish[min(level, top)] > due
 
+        def unfit(level):  # late, or a level the worker cannot keep up (the top cache level always can)
+            return late(level) or (keeps_up is not None and level < top and not keeps_up[level])
+
         level, decision = self.level, None
-        if late(level):
-            while level < self.skip and late(level):
+        if unfit(level):
+            while level < self.skip and unfit(level):
                 level += 1
             if level == self.skip and worker_idle:
                 level = top
-            decision = Decision("raise", level,
-                                f"chunk {chunk} predicted {1000 * (finish[self.level] - due):.0f} ms late")
+            why = (f"predicted {1000 * (finish[self.level] - due):.0f} ms late" if late(self.level)
+                   else "its level cannot be kept up chunk after chunk")
+            decision = Decision("raise", level, f"chunk {chunk} {why}")
             self.on_time = 0
         elif level > 0:
             self.on_time += 1
-            if self.on_time >= self.recover_chunks and not late(level - 1):
+            if self.on_time >= self.recover_chunks and not unfit(level - 1):
                 level -= 1
                 decision = Decision("lower", level, f"{self.on_time} chunks on time")
                 self.on_time = 0

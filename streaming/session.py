@@ -13,8 +13,9 @@ input audio of that same frame, so sound and picture cannot drift apart. D is `p
 
 Backpressure: before queueing a speech chunk the policy predicts when it would be ready; if that misses
 the chunk's deadline it raises the level (a cheaper rung of `[[live.levels]]`: more reuse, no
-guidance), and if the top one is still late it turns the chunk idle (skip). After `recover_chunks`
-chunks on time it steps back down a level. Every decision is published to telemetry. The queue holds at
+guidance), and if the top one is still late it turns the chunk idle (skip); it also leaves a level the
+worker cannot keep up chunk after chunk (`keeps_up`). After `recover_chunks` chunks on time it steps
+back down a level, never to one the worker cannot keep up. Every decision is published to telemetry. The queue holds at
 most `max_ahead_chunks` chunks, so latency stays bounded.
 
 What is pure (which audio forms a chunk and when, the policy, the chunk records) lives in
@@ -186,7 +187,9 @@ class Session:
                 self._idle_chunk(ChunkRecord(c, kind, self.policy.level, reason, **times))
                 continue
             finish = [self.engine.predict_finish(level, now, self.id) for level in range(self.policy.skip)]
-            level, decision = self.policy.choose(c, self.t0 + ch.deadline_s(c), finish, self.engine.pending == 0)
+            keeps_up = [self.engine.keeps_up(level) for level in range(self.policy.skip)]
+            level, decision = self.policy.choose(c, self.t0 + ch.deadline_s(c), finish, self.engine.pending == 0,
+                                                 keeps_up)
             if decision is not None:
                 self._publish_decision(decision)
             skip = level == self.policy.skip

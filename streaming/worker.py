@@ -151,6 +151,14 @@ class GenerationWorker:
         rounds = [sum(c > r for c in per.values()) for r in range(per[session])]  # sessions in each round
         return now + self.first_frame_ms(level, rounds, busy) / 1000
 
+    def keeps_up(self, level: int) -> bool:
+        """Whether the worker can generate at this level chunk after chunk: a round of one chunk per
+        speaking session holds it at most one chunk period (the backpressure policy leaves a level that
+        cannot, even when one chunk there would be on time)."""
+        with self._lock:
+            n = max(1, len(self._speaking))
+        return self.batch_estimate_ms(level, n) <= self.chunk_ms()
+
     def _decode_backlog_ms(self, now: float) -> float:
         """ms until the decoder is done with the batches already past their DiT (DitDone): each decoded from
         the later of its DiT's end and the previous batch's decode, one after another."""

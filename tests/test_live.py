@@ -107,6 +107,9 @@ class FakeEngine:
     def predict_finish(self, level, now, session=None):
         return now + (self.pending + 1) * self.estimate_ms(level) / 1000
 
+    def keeps_up(self, level):
+        return self.estimate_ms(level) <= 160
+
     def submit(self, job):
         self.pending += 1
         self.jobs.append(job)

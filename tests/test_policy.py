@@ -133,11 +133,28 @@ def test_a_single_cache_level_skips_when_late():
         Backpressure(0, recover_chunks=2)
 
 
+def test_levels_the_worker_cannot_keep_up_are_left_and_never_stepped_down_to():
+    """Level 0 is on time for this chunk but holds the worker longer than a chunk period (keeps_up False):
+    the policy goes to the first level that is on time and kept up, and does not step back down to 0 however
+    long it stays on time; the top cache level counts as kept up; where level 0 can be kept up again, the
+    policy steps down as before."""
+    p = Backpressure(3, recover_chunks=2)
+    on_time, slow0 = (9.0, 9.0, 9.0), (False, True, True)
+    assert p.choose(0, 10.0, on_time, False, slow0) == (
+        1, Decision("raise", 1, "chunk 0 its level cannot be kept up chunk after chunk"))
+    assert [p.choose(c, 10.0, on_time, False, slow0) for c in range(1, 6)] == [(1, None)] * 5
+    assert p.choose(6, 10.0, on_time, False, (False, False, False))[0] == 2  # the top level is never left for this
+    assert p.choose(7, 10.0, (9.0, 9.0, 10.5), False, (False, False, False))[0] == 3  # late there too: skip
+    assert p.choose(8, 10.0, on_time, False, (True, True, True))[0] == 2
+    assert p.choose(9, 10.0, on_time, False, (True, True, True)) == (1, Decision("lower", 1, "2 chunks on time"))
+
+
 @pytest.mark.parametrize("levels,seed", [(2, s) for s in range(5)] + [(3, s) for s in range(3)] + [(1, 0)])
 def test_policy_invariants_under_random_load(levels, seed):
-    """Random predictions around the deadline: a level is used only when predicted on time (or the top
-    cache level on an idle worker), skip only when every cache level is late, and a step down comes at
-    least recover_chunks chunks after the previous decision (no oscillation)."""
+    """Random predictions around the deadline and random levels the worker cannot keep up: a level is used
+    only when predicted on time (or the top cache level on an idle worker) and kept up (or the top), skip
+    only when every cache level from the current one is late or not kept up, and a step down comes at least
+    recover_chunks chunks after the previous decision (no oscillation)."""
     rng = random.Random(seed)
     recover, safety, deadline, top = 5, 0.02, 10.0, levels - 1
     p = Backpressure(levels, recover_chunks=recover, safety_s=safety)
@@ -146,20 +163,23 @@ def test_policy_invariants_under_random_load(levels, seed):
         spread = rng.choice((0.05, 0.3))
         finish = [deadline + rng.uniform(-spread, spread) - 0.05 * lvl for lvl in range(levels)]
         idle = rng.random() < 0.1
+        keeps = [rng.random() < 0.9 for _ in range(levels)]
         before = p.level
-        level, d = p.choose(c, deadline, finish, idle)
+        level, d = p.choose(c, deadline, finish, idle, keeps)
         on_time = [f <= deadline - safety for f in finish]
+        fit = [t and (k or lvl == top) for lvl, (t, k) in enumerate(zip(on_time, keeps))]
+        assert level >= top or keeps[level]
         if level == levels:
-            assert not any(on_time[before:]) and not idle
+            assert not any(fit[before:]) and not idle
         elif not on_time[level]:
-            assert level == top and idle and not any(on_time[before:])  # the idle worker generates anyway
+            assert level == top and idle and not any(fit[before:])  # the idle worker generates anyway
         if level < before:
             assert d and d.action == "lower" and level == before - 1
             assert c - last_decision >= recover, (c, last_decision)
-            assert on_time[level]
+            assert fit[level]
         if level > before:
             assert d and d.action == "raise"
-            assert level == levels or level == top and idle or not any(on_time[before:level])  # the first on time
+            assert level == levels or level == top and idle or not any(fit[before:level])  # the first fit
         if d:
             assert d.level == level
             last_decision = c

@@ -343,3 +343,15 @@ def test_decode_stage_on_its_thread_gives_the_frames_inline_decoding_gives():
     for job in (0, 1, 2, 3, 4, 5, 6):
         assert got[False][job].shape[0] == 4 and np.array_equal(got[False][job], got[True][job]), job
     assert not np.array_equal(got[True][0], got[True][2])  # other audio, other frames
+
+
+def test_keeps_up_when_a_round_fits_one_chunk_period():
+    """A level is kept up when a round of one chunk per speaking session holds the worker at most 160 ms:
+    pipelined, its slower stage; two speaking sessions make the round a batch of two."""
+    w = _worker([[200.0, 260.0], [90.0, 150.0]], decode_ms=[120.0, 170.0], first_ms=[30.0, 50.0], pipelined=True)
+    assert [w.keeps_up(lvl) for lvl in (0, 1)] == [False, True]  # max(200, 120) > 160 >= max(90, 120)
+    w._speaking = {"a": 0.0, "b": 0.0}
+    assert [w.keeps_up(lvl) for lvl in (0, 1)] == [False, False]  # batch of two: max(150, 170) > 160
+    w.pipelined = False
+    w._speaking = {}
+    assert not w.keeps_up(1)  # in sequence the stages add up: 90 + 120 > 160
