@@ -6,7 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The one home of the engine's audio and video clock: 16 kHz mono speech, 25 fps video, 640 samples a frame
 SAMPLE_RATE = 16000
+FPS = 25
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640: the audio of one video frame (40 ms)
 N_FFT = 400  # 25 ms window
 HOP = 160  # 10 ms hop
 N_MELS = 80

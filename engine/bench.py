@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.model.audio_encoder import FPS, SAMPLE_RATE
+from engine.audio import FPS, SAMPLE_RATE
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from engine import audio_path
+from engine.audio import SAMPLE_RATE
 from engine.bench_batch import CHUNK_START
 
 
@@ -33,7 +34,7 @@ def _inputs(model, cfg, guidance):
     """A chunk's audio window, its condition (guidance batch) and noisy latents."""
     from engine.generator import ChunkGenerator, load_avatar
     rng = np.random.default_rng(0)
-    audio = torch.from_numpy((0.1 * rng.standard_normal(16000 * 3)).astype(np.float32))
+    audio = torch.from_numpy((0.1 * rng.standard_normal(SAMPLE_RATE * 3)).astype(np.float32))
     gen = ChunkGenerator(model, load_avatar("0"), steps=cfg.live.steps, guidance=guidance)
     inputs = gen.inputs(audio, CHUNK_START, tokens=False)
     return gen, audio, inputs

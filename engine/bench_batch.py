@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.audio import SAMPLE_RATE
+
 CHUNK_START = 8  # frame: past the look-back window, so each chunk reads real audio
 
 
@@ -38,7 +40,7 @@ def bench_batch(model, cfg, sizes=(1, 2, 4), rounds=5, threads=1, precision="fp3
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     rng = np.random.default_rng(0)
     n_max = max(sizes)
-    audio = [torch.from_numpy((0.1 * rng.standard_normal(16000 * 3)).astype(np.float32)) for _ in range(n_max)]
+    audio = [torch.from_numpy((0.1 * rng.standard_normal(SAMPLE_RATE * 3)).astype(np.float32)) for _ in range(n_max)]
     handle = attach(model.dit, cache)
     out = {}
     try:

@@ -20,7 +20,7 @@ class ModelConfig:
     steps: int = 20  # Euler steps per chunk
     seed: int = 0
     guidance: float = 3.0  # classifier-free guidance on the audio; 1.0 = off (half the DiT batch)
-    noise_scale: float = 0.5  # std of the start noise
+    noise_scale: float = 0.5  # std of the start noise: fewer random mouth shapes (dev: 0.5 best of 0.3-0.7)
     # the audio encoder and audio blocks (engine/audio_path.py): auto, torch, compile, onnxruntime, tensorrt.
     # auto: tensorrt where CUDA and tensorrt are present, else the faster of torch and onnxruntime, timed
     # on live chunks at worker start-up

@@ -16,8 +16,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from engine.model.audio_encoder import FPS, SAMPLE_RATE, audio_window
+from engine.audio import FPS, SAMPLE_RATE
 from engine.caching import cache_name
+from engine.model.audio_encoder import audio_window
 from engine.sampler import DEFAULT_GUIDANCE, DEFAULT_NOISE_SCALE, DEFAULT_STEPS, sample
 
 

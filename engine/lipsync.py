@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-FPS = 25
-SR = 16000
+from engine.audio import FPS, SAMPLE_RATE as SR
 MOUTH_ROWS = (50, 102)  # mouth box in a 128x128 frame (the corpus keeps the mouth inside it)
 MOUTH_COLS = (32, 96)
 CONTEXT = 5  # audio head sees video frames i-5..i+5, i.e. mel frames 4i-20 .. 4i+23

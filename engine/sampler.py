@@ -9,9 +9,10 @@ import time
 
 import torch
 
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 3.0
-DEFAULT_NOISE_SCALE = 0.5  # start from shrunken noise: fewer random mouth shapes (dev: 0.5 best of 0.3-0.7)
+from engine.config import ModelConfig
+
+# the model's sampling defaults have one home, engine/config.py's ModelConfig (configs/default.toml sets them)
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_NOISE_SCALE = ModelConfig.steps, ModelConfig.guidance, ModelConfig.noise_scale
 
 
 def timesteps(steps, shift=1.0):

@@ -10,9 +10,9 @@ import av
 import numpy as np
 import webrtcvad
 
-SAMPLE_RATE = 16000
+from engine.audio import SAMPLE_RATE
+
 VAD_SAMPLES = 320  # 20 ms
-FRAME_SAMPLES = 640  # one 25 fps video frame
 
 
 class AudioInput:

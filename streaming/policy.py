@@ -16,9 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from streaming.audio_in import FRAME_SAMPLES, SAMPLE_RATE
+from engine.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
-FPS = 25
 FRAME_S = 1 / FPS
 
 
@@ -41,7 +40,7 @@ class Chunker:
         The audio encoder's extra margin frame after the look-ahead is never waited for: on 8 dev clips
         sync_conf was 0.754 without it vs 0.750 with it, and it would cost 40 ms of latency.
         """
-        return ((c + 1) * self.frames + min(self.lookahead_wait, self.lookahead)) * FRAME_SAMPLES
+        return ((c + 1) * self.frames + min(self.lookahead_wait, self.lookahead)) * SAMPLES_PER_FRAME
 
     def ready_s(self, c: int) -> float:
         """Session time chunk c's audio is complete when the input arrives in real time."""
@@ -54,8 +53,8 @@ class Chunker:
     def window(self, c: int) -> tuple[int, int]:
         """[start, stop) input samples of chunk c's job (the chunk starts lookback + margin frames in)."""
         first = c * self.frames
-        return ((first - self.lookback - self.margin) * FRAME_SAMPLES,
-                (first + self.frames + self.lookahead + self.margin) * FRAME_SAMPLES)
+        return ((first - self.lookback - self.margin) * SAMPLES_PER_FRAME,
+                (first + self.frames + self.lookahead + self.margin) * SAMPLES_PER_FRAME)
 
     @property
     def hangover_frames(self) -> int:

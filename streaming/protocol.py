@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLES_PER_FRAME = 640
 ACTIVE_S = 0.4  # a session that sent a chunk this recently is expected to send the next soon
 
 

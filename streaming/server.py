@@ -43,12 +43,12 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from engine.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from engine.data.portraits import canonical_avatar
-from streaming.worker import HEADROOM, GenerationWorker
 from streaming.procstats import ProcessStats
-from streaming.session import FRAME_SAMPLES, Session
-from engine.model.audio_encoder import FPS
+from streaming.session import Session
 from streaming.telemetry import Telemetry
+from streaming.worker import HEADROOM, GenerationWorker
 from engine.config import Config
 
 log = logging.getLogger("syncavatar.serve")
@@ -104,15 +104,15 @@ class SpeechAudioTrack(_PacedTrack):
         if f is None:
             return super().put(None)
         pcm = np.clip(f.audio * 32767, -32768, 32767).astype(np.int16)
-        half = FRAME_SAMPLES // 2
+        half = SAMPLES_PER_FRAME // 2
         for k in range(2):
             super().put((f.index, k, pcm[k * half:(k + 1) * half]))
 
     async def recv(self):
         index, k, pcm = await self._get()
         frame = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
-        frame.sample_rate = 16000
-        frame.pts, frame.time_base = index * FRAME_SAMPLES + k * len(pcm), Fraction(1, 16000)
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts, frame.time_base = index * SAMPLES_PER_FRAME + k * len(pcm), Fraction(1, SAMPLE_RATE)
         if k == 0:
             self.session.mark_sent("audio", index)
         return frame

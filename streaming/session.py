@@ -32,10 +32,11 @@ from typing import Callable
 
 import numpy as np
 
+from engine.audio import SAMPLE_RATE, SAMPLES_PER_FRAME
 from engine.data.portraits import canonical_avatar
 from engine.generator import load_avatar
 from engine.model.audio_encoder import MARGIN_FRAMES
-from streaming.audio_in import FRAME_SAMPLES, SAMPLE_RATE, AudioInput
+from streaming.audio_in import AudioInput
 from streaming.worker import GenerationWorker, Job
 from streaming.policy import FRAME_S, Backpressure, Chunker, ChunkRecord, Decision, frame_kind
 from streaming.procstats import ProcessStats
@@ -178,7 +179,7 @@ class Session:
             c = self.next_chunk
             self.next_chunk += 1
             now = self.clock()
-            arr = self._arrival(c * self.W * FRAME_SAMPLES)
+            arr = self._arrival(c * self.W * SAMPLES_PER_FRAME)
             times = {"capture_ms": round(self.clock_ms(arr), 1) if arr is not None else None,
                      "ready_ms": round(self.clock_ms(now), 1), "deadline_ms": round(ch.deadline_s(c) * 1000, 1)}
             kind = ch.plan(c, now - self.t0, self.audio.speech_frames)
@@ -291,7 +292,7 @@ class Session:
         self.counts["frames_out"] += 1
         self.counts[f"{kind}_frames"] += 1
         now = self.clock()
-        frame = Frame(i, rgb, self.audio.window(i * FRAME_SAMPLES, (i + 1) * FRAME_SAMPLES), kind,
+        frame = Frame(i, rgb, self.audio.window(i * SAMPLES_PER_FRAME, (i + 1) * SAMPLES_PER_FRAME), kind,
                       round(self.clock_ms(now), 1))
         if rec is not None:
             if i % self.W == 0:
@@ -303,7 +304,7 @@ class Session:
         if now - self._sec["t"] >= 1.0:
             self._second(now)
         # keep only the input audio that frames or chunks still to come can need
-        self.audio.trim(min(i * FRAME_SAMPLES, self.chunker.window(self.next_chunk)[0]))
+        self.audio.trim(min(i * SAMPLES_PER_FRAME, self.chunker.window(self.next_chunk)[0]))
         return frame
 
     def mark_sent(self, track: str, index: int, t: float | None = None) -> None:
@@ -336,7 +337,7 @@ class Session:
         if self._procstats is None:
             self._procstats = ProcessStats(self.engine.worker_pids())
         proc = self._procstats.read()
-        self.publish("second", fps_in=round((self.counts["samples_in"] - s["samples_in"]) / FRAME_SAMPLES / dt, 2),
+        self.publish("second", fps_in=round((self.counts["samples_in"] - s["samples_in"]) / SAMPLES_PER_FRAME / dt, 2),
                      fps_out=round((self.counts["frames_out"] - s["frames_out"]) / dt, 2),
                      drops=self.counts["late_frames"] - s["late_frames"], late_frames=self.counts["late_frames"],
                      dropped_late=self.counts["dropped_late"], gap_fill_ms=round(self.audio.gap_samples / 16, 1),

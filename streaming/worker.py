@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.audio import SAMPLE_RATE, SAMPLES_PER_FRAME
 from engine.config import Config
-from streaming.protocol import (ACTIVE_S, SAMPLES_PER_FRAME, ChunkDone, ChunkRequest, DitDone, EndSession,
+from streaming.protocol import (ACTIVE_S, ChunkDone, ChunkRequest, DitDone, EndSession,
                                 FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, ping_pong)
 from streaming.worker_process import main as worker_main
 
@@ -116,7 +117,7 @@ class GenerationWorker:
 
     def chunk_ms(self) -> float:
         """Speech one chunk covers (160 ms), the period of every session's chunks."""
-        return self.cfg.frames * SAMPLES_PER_FRAME / 16
+        return self.cfg.frames * SAMPLES_PER_FRAME * 1000 / SAMPLE_RATE
 
     def aligned_start(self, now: float) -> float:
         """A new session's clock zero: the latest point of the shared chunk grid at or before `now`, so

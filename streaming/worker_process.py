@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.audio import SAMPLES_PER_FRAME
 from engine.config import Config
-from streaming.protocol import (ACTIVE_S, SAMPLES_PER_FRAME, ChunkDone, ChunkRequest, DitDone, EndSession,
+from streaming.protocol import (ACTIVE_S, ChunkDone, ChunkRequest, DitDone, EndSession,
                                 FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, StartFailed, ping_pong)
 
 

@@ -134,12 +134,13 @@ def cmd_train(a):
 def cmd_render(a):
     import numpy as np
 
+    from engine.audio import FPS, SAMPLE_RATE
     from engine.generator import load_avatar, render_frames
     from engine.media import MediaError, load_audio, write_mp4
     from engine.model.avatar import load_model
     if a.wan_s2v:
         try:
-            return _render_wan(a, load_audio(a.audio, 16000))
+            return _render_wan(a, load_audio(a.audio, SAMPLE_RATE))
         except MediaError as e:
             raise UserError(str(e)) from None
     cfg = _config(a)
@@ -147,7 +148,7 @@ def cmd_render(a):
     a.steps = a.steps if a.steps is not None else cfg.model.steps
     a.seed = a.seed if a.seed is not None else cfg.model.seed
     try:
-        audio = load_audio(a.audio, 16000)
+        audio = load_audio(a.audio, SAMPLE_RATE)
     except MediaError as e:
         raise UserError(str(e)) from None
     try:
@@ -169,7 +170,7 @@ def cmd_render(a):
                                   cache=cache, guidance=guidance, noise_scale=cfg.model.noise_scale)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(out, frames, 25, audio, 16000)
+    write_mp4(out, frames, FPS, audio, SAMPLE_RATE)
     if a.frames_out:
         np.save(a.frames_out, frames)
     stats = {"out": str(out), "avatar": str(a.avatar)} | stats
@@ -180,6 +181,7 @@ def cmd_render(a):
 
 def _render_wan(a, audio):
     """render on Wan2.2-S2V from the user's model folder (GPU): --image, optional --mask and --schedule."""
+    from engine.audio import SAMPLE_RATE
     from engine.generator import render_with
     from engine.media import write_mp4
     from engine.wan_s2v import WanS2VError, WanS2VGenerator, check_model_dir, load_mask, load_pipeline
@@ -204,7 +206,7 @@ def _render_wan(a, audio):
     frames, stats = render_with(gen, audio, progress=not a.quiet)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(out, frames, gen.fps, audio, 16000)
+    write_mp4(out, frames, gen.fps, audio, SAMPLE_RATE)
     stats = {"out": str(out), "backend": "wan-s2v", "cache": a.cache} | stats
     if a.json:
         Path(a.json).write_text(json.dumps(stats, indent=1))
@@ -291,7 +293,7 @@ def cmd_bench_batch(a):
         write_json(result, a.json)
     if a.plot:
         plot(result, a.plot)
-    print(f"B  separate ms  batched ms  chunk speedup  DiT speedup  chunks/s batched  max latent diff")
+    print("B  separate ms  batched ms  chunk speedup  DiT speedup  chunks/s batched  max latent diff")
     for b, r in result["sizes"].items():
         print(f"{b:<2} {r['separate_chunk_ms']:11.1f} {r['batched_chunk_ms']:11.1f} {r['chunk_speedup']:14.2f} "
               f"{r['dit_speedup']:12.2f} {r['chunks_per_s_batched']:17.2f} {r['max_latent_diff']:16.2e}")

@@ -6,17 +6,15 @@ long speech without pauses and a long silence. Every case must keep the output a
 report no errors, and never draw a broken picture.
 """
 import asyncio
-import subprocess
 import time
 
 import numpy as np
-import pytest
 
+from engine.config import load_config
 from engine.media import load_audio
-from streaming.worker import GenerationWorker
 from streaming.session import Session
 from streaming.telemetry import Telemetry
-from engine.config import load_config
+from streaming.worker import GenerationWorker
 
 
 def _speech(tmp_path, name, text, voice):

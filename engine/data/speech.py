@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import resample_poly
 
-SAMPLE_RATE = 16000
+from engine.audio import SAMPLE_RATE
 
 # espeak_ng / speak_lib.h constants
 _AUDIO_OUTPUT_SYNCHRONOUS = 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FPS = 25
+from engine.audio import FPS
 
 # viseme class -> (openness, rounding)
 VISEMES = {

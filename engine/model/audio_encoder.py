@@ -2,11 +2,8 @@
 import torch
 import torch.nn as nn
 
-from engine.audio import LogMel
+from engine.audio import SAMPLES_PER_FRAME, LogMel
 
-SAMPLE_RATE = 16000
-FPS = 25
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 TOKENS_PER_FRAME = 2  # one audio token per 20 ms
 MARGIN_FRAMES = 1  # extra audio decoded on each side so convolutions see real context at the edges
 
