@@ -14,6 +14,12 @@ import numpy as np
 ACTIVE_S = 0.4  # a session that sent a chunk this recently is expected to send the next soon
 
 
+def rest_share(frames: int, decode_every: int) -> float:
+    """Of a chunk's frames after the first, the share a level decodes (frames 0, k, 2k, ... for decode_every k):
+    what it costs to decode, beside the first frame, against decoding every frame."""
+    return (frames // decode_every - 1) / (frames - 1) if frames > 1 else 0.0
+
+
 def ping_pong(i: int, n: int) -> int:
     """Index into an n-frame loop played forwards then backwards: 0..n-1, n-2..1, 0.. (never a jump)."""
     if n <= 1:
@@ -54,7 +60,7 @@ class Ready:
     dit_ms: list  # per level, ms of the DiT stage of a batch of B = 1..max_batch chunks (B = 1 only: not batchable)
     audio_backend: str = "torch"  # the audio path's backend the worker runs (engine/audio_path.py)
     audio_backend_ms: dict = None  # auto's timings of one level-0 chunk per candidate backend, ms
-    decode_ms: list = None  # ms of decoding a batch of B = 1..max_batch chunks (the same at every level)
+    decode_ms: list = None  # ms of decoding every frame of a batch of B = 1..max_batch chunks
     first_ms: list = None  # of which the first frame of each chunk (decoded first)
     pipelined: bool = False  # decoding runs beside the next batch's DiT (DecodeStage)
 
@@ -69,6 +75,7 @@ class DitDone:
     """A batch left the DiT stage: its chunks are being decoded (the next batch's DiT may start)."""
     jobs: list  # job ids of the batch
     at: float  # monotonic time its DiT stage ended
+    level: int = 0  # the level it runs at (its frames decoded: [[live.levels]] decode_every)
 
 
 @dataclass

@@ -531,7 +531,7 @@ def serve(config: Config) -> None:
              [round(ms, 1) for ms in engine.gen_ms], "; ".join(engine.level_names), engine.precision)
     log.info("audio path: %s%s", engine.audio_backend, " (auto; one chunk: " + ", ".join(
         f"{n} {ms:.1f} ms" for n, ms in engine.audio_backend_ms.items()) + ")" if engine.audio_backend_ms else "")
-    log.info("batches of 1..%d chunks: DiT %s ms per level (decoding %s, %s; first frames %s)",
+    log.info("batches of 1..%d chunks: DiT %s ms per level (decoding every frame %s, %s; first frames %s)",
              len(engine.dit_ms[0]), [[round(ms) for ms in d] for d in engine.dit_ms],
              [round(ms) for ms in engine.decode_ms], "beside the next batch's DiT" if engine.pipelined
              else "after the DiT", [round(ms) for ms in engine.first_ms])

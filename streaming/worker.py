@@ -18,7 +18,7 @@ import numpy as np
 from engine.audio import SAMPLE_RATE, SAMPLES_PER_FRAME
 from engine.config import Config
 from streaming.protocol import (ACTIVE_S, ChunkDone, ChunkRequest, DitDone, EndSession,
-                                FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, ping_pong)
+                                FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, ping_pong, rest_share)
 from streaming.worker_process import main as worker_main
 
 # a round of chunks may fill at most this share of a chunk period: two sessions forced in, whose batch of two
@@ -164,9 +164,18 @@ class GenerationWorker:
         """ms until the decoder is done with the batches already past their DiT (DitDone): each decoded from
         the later of its DiT's end and the previous batch's decode, one after another."""
         end = now
-        for k, (at, b) in enumerate(sorted(set(self._decoding.values()))):
-            end = (at if k == 0 else max(end, at)) + self._per_b(self.decode_ms, b) / 1000
+        for k, (at, b, level) in enumerate(sorted(set(self._decoding.values()))):
+            end = (at if k == 0 else max(end, at)) + self.decode_est_ms(level, b) / 1000
         return max(0.0, end - now) * 1000
+
+    def _rest_share(self, level: int) -> float:
+        return rest_share(self.cfg.frames, self.config.live.levels[level].decode_every)
+
+    def decode_est_ms(self, level: int, b: int) -> float:
+        """ms to decode a batch of b chunks at this level: the first frames, then the share of the other
+        frames the level decodes ([[live.levels]] decode_every) of what decoding them all takes."""
+        first = self._per_b(self.first_ms, b)
+        return first + (self._per_b(self.decode_ms, b) - first) * self._rest_share(level)
 
     def first_frame_ms(self, level: int, rounds: list, busy_ms: float = 0.0) -> float:
         """ms from now until the first frames of the last of these rounds (sizes: chunks in each, not yet
@@ -179,7 +188,7 @@ class GenerationWorker:
         batches = [b for size in rounds for b in self._batches(level, size)]
         dit_end, dec_end = 0.0, busy_ms
         for i, b in enumerate(batches):
-            dit, dec, first = self.dit_ms[level][b - 1], self._per_b(self.decode_ms, b), self._per_b(self.first_ms, b)
+            dit, dec, first = self.dit_ms[level][b - 1], self.decode_est_ms(level, b), self._per_b(self.first_ms, b)
             dit_end = (dit_end if self.pipelined else dec_end) + dit
             start = max(dit_end, dec_end)
             if i == len(batches) - 1:
@@ -201,7 +210,7 @@ class GenerationWorker:
     def hold_ms(self, level: int, b: int) -> float:
         """ms a batch of b chunks holds the worker: its slower stage when decoding is pipelined (the next
         batch's DiT runs beside its decoding), both stages when not."""
-        dit, dec = self.dit_ms[level][b - 1], self._per_b(self.decode_ms, b)
+        dit, dec = self.dit_ms[level][b - 1], self.decode_est_ms(level, b)
         return max(dit, dec) if self.pipelined else dit + dec
 
     @property
@@ -300,7 +309,7 @@ class GenerationWorker:
             if isinstance(msg, DitDone):
                 with self._lock:
                     for job in msg.jobs:
-                        self._decoding[job] = (msg.at, len(msg.jobs))
+                        self._decoding[job] = (msg.at, len(msg.jobs), msg.level)
             elif isinstance(msg, FirstFrame):
                 with self._lock:
                     job = self._jobs.get(msg.job)
@@ -329,7 +338,8 @@ class GenerationWorker:
                     fn(loop)
 
     def _learn(self, info: dict) -> None:
-        """Running means of the measured times of a finished batch (alone: its latency as gen_ms)."""
+        """Running means of the measured times of a finished batch (alone: its latency as gen_ms); decoding
+        as what decoding every frame would have taken (decode_est_ms scales it back per level)."""
         lvl, n, dit, dec = info["level"], info.get("batch", 1), info["dit_ms"], info["decode_ms"]
         if n <= len(self.first_ms):
             self.first_ms[n - 1] = 0.8 * self.first_ms[n - 1] + 0.2 * info["first_ms"]
@@ -338,8 +348,10 @@ class GenerationWorker:
             self.gen_ms[lvl] = dit + dec if prev is None else 0.8 * prev + 0.2 * (dit + dec)
         if n <= len(self.dit_ms[lvl]):
             self.dit_ms[lvl][n - 1] = 0.8 * self.dit_ms[lvl][n - 1] + 0.2 * dit
-        if n <= len(self.decode_ms):
-            self.decode_ms[n - 1] = 0.8 * self.decode_ms[n - 1] + 0.2 * dec
+        share = self._rest_share(lvl)
+        if n <= len(self.decode_ms) and share > 0:  # a level that decodes only first frames says nothing of the rest
+            every = info["first_ms"] + (dec - info["first_ms"]) / share
+            self.decode_ms[n - 1] = 0.8 * self.decode_ms[n - 1] + 0.2 * every
 
     def close(self):
         if self.closed:

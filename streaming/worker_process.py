@@ -41,7 +41,8 @@ import numpy as np
 from engine.audio import SAMPLES_PER_FRAME
 from engine.config import Config
 from streaming.protocol import (ACTIVE_S, ChunkDone, ChunkRequest, DitDone, EndSession,
-                                FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, StartFailed, ping_pong)
+                                FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, StartFailed, ping_pong,
+                                rest_share)
 
 
 class _Worker:
@@ -62,6 +63,11 @@ class _Worker:
         self.offset = self.cfg.lookback + MARGIN_FRAMES  # chunk start inside a job's window, in frames
         self.levels = [self._cache(lvl.cache, lvl.schedule) for lvl in live.levels]  # cache config per level
         self.guidance = [m.guidance if lvl.guidance is None else lvl.guidance for lvl in live.levels]
+        self.decode_every = [lvl.decode_every for lvl in live.levels]
+        for i, k in enumerate(self.decode_every):
+            if self.cfg.frames % k:
+                raise ValueError(f"[live] levels[{i}] decode_every = {k} must divide the model's "
+                                 f"{self.cfg.frames} frames per chunk")
         if live.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"[live] precision must be auto, bf16 or fp32, got {live.precision!r}")
         self.bf16 = live.precision == "bf16"  # "auto" is decided by _pick_precision at start-up
@@ -167,10 +173,12 @@ class _Worker:
     def decode(self, d: "Denoised", early=None) -> list:
         """The decoder stage -> [(frames, info)] per chunk. The first frame of every chunk is decoded first
         (it is due first; the others follow 40 ms apart): early(job, first frames, when ready), if given, gets
-        it before the rest are decoded (docs/live/stop15/stages.json: 9.9 + 22.0 ms, 4 at once 29.3).
+        it before the rest are decoded (docs/live/stop15/stages.json: 9.9 + 22.0 ms, 4 at once 29.3). A level
+        with decode_every k decodes frames 0, k, 2k, ... and shows each k times.
         info: the DiT stage's plus first_ms / decode_ms (first frame / all), gen_end / gen_ms (all frames
         ready, counted from the DiT stage's start, any wait for the decoder included)."""
         from engine.generator import decode_batch
+        k = self.decode_every[d.info["level"]]
         start = time.monotonic()
         with self.autocast():  # decode_batch runs without autograd
             heads = decode_batch(d.gens, d.z[:, :1])
@@ -178,11 +186,12 @@ class _Worker:
             if early is not None:
                 for job, f in zip(d.jobs, heads):
                     early(job, f, first)
-            rests = decode_batch(d.gens, d.z[:, 1:]) if d.z.shape[1] > 1 else [f[:0] for f in heads]
+            rests = decode_batch(d.gens, d.z[:, k::k]) if d.z.shape[1] > k else [f[:0] for f in heads]
         end = time.monotonic()
         info = d.info | {"first_ms": (first - start) * 1000, "decode_ms": (end - start) * 1000, "gen_end": end,
                          "gen_ms": (end - d.info["gen_start"]) * 1000}
-        return [(np.concatenate([h, r]), info | {"batch_index": i}) for i, (h, r) in enumerate(zip(heads, rests))]
+        return [(np.repeat(np.concatenate([h, r]), k, axis=0), info | {"batch_index": i})
+                for i, (h, r) in enumerate(zip(heads, rests))]
 
     def idle(self, avatar):
         """Generate idle_chunks chunks from silence, continuing motion: the avatar's idle loop."""
@@ -361,7 +370,12 @@ def main(config: Config, inq, outq):
                  for level in range(len(w.levels))]
         gen_ms = [dit[0] + dec[0] for dit, dec, _ in times]  # one chunk alone, all frames after both stages
         dit_ms = [dit for dit, _, _ in times]
-        _, decode_ms, first_ms = max(times, key=lambda t: len(t[1]))  # decoding costs the same at every level
+        # decoding every frame costs the same at every level: from the level with the most batch sizes timed,
+        # its decode_every undone (the server scales it back per level)
+        level = max(range(len(times)), key=lambda lvl: (len(times[lvl][1]), w.decode_every[lvl] == 1))
+        _, decode_ms, first_ms = times[level]
+        share = rest_share(w.cfg.frames, w.decode_every[level])
+        decode_ms = [f + (d - f) / share if share else d for d, f in zip(decode_ms, first_ms)]
         for b in range(config.live.max_batch):
             w.gens.pop(f"warmup{b}", None)
         w.gens.pop("warmup", None)
@@ -419,7 +433,7 @@ def _serve(w: _Worker, config: Config, inq, outq, stage: DecodeStage):
                     outq.put(ChunkDone(r.job, None, {"error": f"{type(e).__name__}: {e}", "level": r.level}))
                 continue
             for d in denoised:
-                outq.put(DitDone(d.jobs, d.info["gen_start"] + d.info["dit_ms"] / 1000))
+                outq.put(DitDone(d.jobs, d.info["gen_start"] + d.info["dit_ms"] / 1000, d.info["level"]))
                 stage.put(d)
         elif isinstance(msg, IdleRequest):
             try:

@@ -349,18 +349,20 @@ def test_ice_servers_from_config():
 
 
 def test_live_levels_from_config(tmp_path):
-    """The shipped ladder: each level up is cheaper (more reuse, then no guidance); telemetry names each
-    level by its plan; [[live.levels]] tables are checked; the old single-plan keys say where they went."""
-    from engine.config import ConfigError, LevelConfig
+    """The shipped ladder: each level up is cheaper (more reuse, then no guidance; then fewer frames
+    decoded, which may start again from a gentler plan); telemetry names each level by its plan; [[live.levels]] tables are checked; the old
+    single-plan keys say where they went."""
+    from engine.config import ConfigError, LevelConfig, LiveConfig
     from synccache import Schedule
     levels = load_config().live.levels
+    assert LiveConfig().levels == levels  # the dataclass's default is the ladder configs/default.toml ships
     reused = [sum(map(sum, Schedule.load(load_config().path(lvl.schedule)).reuse)) for lvl in levels]
     guidance = [3.0 if lvl.guidance is None else lvl.guidance for lvl in levels]
-    cost = list(zip(reused, [-g for g in guidance]))
+    cost = list(zip([lvl.decode_every for lvl in levels], reused, [-g for g in guidance]))
     assert len(levels) >= 3 and cost == sorted(set(cost)), cost  # strictly cheaper at every step up
     assert [lvl.name() for lvl in levels][:2] == ["synccache (ref-XS-10-gentle)",
                                                   "synccache (ref-XS-10-boost), guidance 1"]
-    assert LevelConfig("none").name() == "none"
+    assert LevelConfig("none").name() == "none" and levels[-1].name().endswith(", 1 frame in 2 decoded")
     cfg = tmp_path / "live.toml"
     cfg.write_text('[live]\nsteps = 10\n[[live.levels]]\nschedule = "configs/synccache/ref-XS-10.json"\n'
                    '[[live.levels]]\ncache = "none"\nguidance = 1\n')
@@ -370,7 +372,8 @@ def test_live_levels_from_config(tmp_path):
                         ("[live]\nlevels = []\n", "at least one level"),
                         ("[live]\nlevels = [3]\n", "must be a table"),
                         ("[[live.levels]]\nschedul = 'x.json'\n", "unknown key \\[live.levels\\[0\\]\\] schedul"),
-                        ("[[live.levels]]\nguidance = 0.5\n", "guidance must be a number >= 1.0")]:
+                        ("[[live.levels]]\nguidance = 0.5\n", "guidance must be a number >= 1.0"),
+                        ("[[live.levels]]\ndecode_every = 0\n", "decode_every must be a whole number >= 1")]:
         cfg.write_text(text)
         with pytest.raises(ConfigError, match=match):
             load_config(cfg)

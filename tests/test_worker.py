@@ -31,14 +31,17 @@ def test_next_batch_one_chunk_per_session_in_order():
     assert len(next_batch(_req(0, "a"), backlog, max_batch=1)) == 1 and len(backlog) == 2
 
 
-def _worker(dit_ms, decode_ms=(0.0,), first_ms=(0.0,), pipelined=False):
-    """The server-side bookkeeping only, no process: per level the DiT ms of a batch of 1, 2, ... chunks."""
+def _worker(dit_ms, decode_ms=(0.0,), first_ms=(0.0,), pipelined=False, decode_every=None):
+    """The server-side bookkeeping only, no process: per level the DiT ms of a batch of 1, 2, ... chunks;
+    decode_ms: of decoding every frame of a batch of 1, 2, ... chunks; decode_every: per level (all 1)."""
+    from engine.config import LevelConfig
     w = GenerationWorker.__new__(GenerationWorker)
     w.dit_ms, w._jobs, w.pending, w._speaking = [list(d) for d in dit_ms], {}, 0, {}
     w.pipelined, w.decode_ms, w.first_ms, w._heads = pipelined, list(decode_ms), list(first_ms), {}
     w._decoding = {}
     w.cfg = type("DiTConfig", (), {"frames": 4})()
-    w.config = type("Config", (), {"live": type("Live", (), {"batch_wait_ms": 30})()})()
+    levels = [LevelConfig(decode_every=k) for k in (decode_every or [1] * len(dit_ms))]
+    w.config = type("Config", (), {"live": type("Live", (), {"batch_wait_ms": 30, "levels": levels})()})()
     import threading
     w._lock = threading.Lock()
     return w
@@ -117,7 +120,7 @@ def test_a_chunk_past_its_dit_counts_only_as_the_decoder_busy():
     w._out.put(DitDone([1], 9.95))  # its DiT ended 50 ms ago: the decoder is busy until 10.055
     w._out.put(None)
     w._read()
-    assert w._decoding == {1: (9.95, 1)}
+    assert w._decoding == {1: (9.95, 1, 0)}
     assert w.predict_finish(0, 10.0, "a") == pytest.approx(10.0 + 0.07 + 0.028)  # the decoder is free by 10.07
     assert w.predict_finish(0, 10.0 - 0.04, "a") == pytest.approx(10.055 + 0.028)  # not yet: its first frame waits
     w._out.put(ChunkDone(1, np.zeros((4, 2, 2, 3), np.uint8), {"level": 0, "batch": 1, "dit_ms": 70.0,
@@ -355,3 +358,45 @@ def test_keeps_up_when_a_round_fits_one_chunk_period():
     w.pipelined = False
     w._speaking = {}
     assert not w.keeps_up(1)  # in sequence the stages add up: 90 + 120 > 160
+
+
+def test_a_level_that_decodes_every_other_frame_costs_half_the_rest():
+    """decode_every 2: the first frame, then frame 2 of 4 (a third of what frames 1-3 take). Predictions,
+    the hold and keeping up use that share; what such a batch teaches is scaled back to every frame."""
+    w = _worker([[76.0], [76.0]], decode_ms=[145.0], first_ms=[40.0], pipelined=True, decode_every=[1, 2])
+    assert w.decode_est_ms(0, 1) == pytest.approx(145.0) and w.decode_est_ms(1, 1) == pytest.approx(40 + 105 / 3)
+    assert w.hold_ms(1, 1) == pytest.approx(76.0)  # the DiT is now the slower stage
+    assert w.first_frame_ms(1, [1, 1]) == pytest.approx(max(152.0, 76 + 75) + 40)
+    w.chunk_ms = lambda: 140.0
+    assert [w.keeps_up(lvl) for lvl in (0, 1)] == [False, True]
+    w.gen_ms = [221.0, 151.0]
+    w._learn({"level": 1, "batch": 1, "dit_ms": 76.0, "decode_ms": 40 + 105 / 3 * 1.2, "first_ms": 40.0})
+    assert w.decode_ms[0] == pytest.approx(0.8 * 145 + 0.2 * (40 + 105 * 1.2))  # as if it had decoded all
+
+
+def test_a_level_decoding_every_other_frame_shows_each_twice(speech_wav):
+    """[[live.levels]] decode_every = 2: frames 0 and 2 decoded (as decoding all four gives them, up to
+    rounding), each shown twice; a value that does not divide the chunk's frames stops the worker at start."""
+    from engine.config import LevelConfig, load_config
+    from engine.media import load_audio
+    from streaming.worker_process import _Worker
+    cfg = load_config()
+    top = cfg.live.levels[-1]
+    cfg.live.levels = [LevelConfig(top.cache, top.schedule, top.guidance, decode_every=k) for k in (1, 2)]
+    w = _Worker(cfg)
+    speech = load_audio(speech_wav)
+    n = (w.cfg.audio_frames + 2) * 640
+    for start in range(0, len(speech) - n, 4 * 640):  # chunk after chunk: the mouth moves within some
+        d = w.denoise([ChunkRequest(0, "a", "0", speech[start:start + n], 0, None)])[0]
+        full = w.decode(d)[0][0]
+        if np.abs(full[1].astype(int) - full[0]).max() > 8:
+            break
+    assert np.abs(full[1].astype(int) - full[0]).max() > 8, "no chunk whose frames 0 and 1 differ"
+    d.info = d.info | {"level": 1}
+    half = w.decode(d)[0][0]
+    assert half.shape == full.shape == (4, 128, 128, 3)
+    assert np.array_equal(half[0], half[1]) and np.array_equal(half[2], half[3])
+    assert np.abs(half[::2].astype(int) - full[::2]).max() <= 1  # frames 1 and 3 are 0 and 2 again
+    cfg.live.levels[1].decode_every = 3
+    with pytest.raises(ValueError, match="decode_every = 3 must divide"):
+        _Worker(cfg)

@@ -4,8 +4,9 @@ test clips) at the live engine's 10 steps, scored by lip sync and the picture.
     .venv/bin/python docs/live/live_schedule_check.py data/dev 8 docs/live/live_schedule_check.json \
         configs/synccache/ref-XS-10.json:1 configs/synccache/ref-XS-10.json:0 OLD.json:0
 
-Each candidate is SCHEDULE:forecast[:guidance] (guidance: the model's 3.0 unless given; 1.0 = off, half the
-DiT batch). Frames decode with the shipped model in fp32 (the worker's bf16
+Each candidate is SCHEDULE:forecast[:guidance[:decode_every]] (guidance: the model's 3.0 unless given; 1.0 =
+off, half the DiT batch; decode_every k: frames 0, k, 2k, ... of each chunk shown k times each, as a
+[[live.levels]] table with decode_every = k shows them). Frames decode with the shipped model in fp32 (the worker's bf16
 changes frames by 59-64 dB PSNR); no timing here (reuse counts set the speed).
 """
 import json
@@ -29,12 +30,15 @@ for clip in load_clips(corpus, n):
     ident = json.loads(str(clip["meta"]))["identity"]
     avatar = Avatar("dev", clip["ref"], clip["ref_person_mask"].astype(bool), clip["ref_face_mask"].astype(bool))
     for c in rows:
-        cache, guidance = None, 3.0
+        cache, guidance, every = None, 3.0, 1
         if c != "uncached":
             path, fc, *g = c.split(":")
             cache = SyncCacheConfig(schedule=Schedule.load(path), forecast=int(fc))
             guidance = float(g[0]) if g else guidance
+            every = int(g[1]) if len(g) > 1 else every
         frames, _ = render_frames(model, avatar, clip["audio"], steps=10, cache=cache, guidance=guidance)
+        i = np.arange(len(frames))
+        frames = frames[i - i % every]  # chunks start at multiples of 4 frames, which every divides
         lip = evaluate_arrays(frames, clip["audio"], clip["openness"][:len(frames)])
         rows[c].append({"sync_conf": lip["sync_conf"], "gt_corr": lip["gt_corr"], "offset": lip["offset_frames"],
                         "face_psnr": face_psnr(frames, ident, 4)["median"]})
