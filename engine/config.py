@@ -68,7 +68,7 @@ class LiveConfig:
         LevelConfig("synccache", "configs/synccache/ref-XS-10-gentle.json"),
         LevelConfig("synccache", "configs/synccache/ref-XS-10-boost.json", 1.0),
         LevelConfig("synccache", "configs/synccache/ref-XS-10-max.json", 1.0),
-        LevelConfig("synccache", "configs/synccache/ref-XS-10-boost.json", 1.0, decode_every=2)])
+        LevelConfig("synccache", "configs/synccache/ref-XS-10-max.json", 1.0, decode_every=2)])
     precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto": the faster, timed at worker start-up
     lookahead_wait: int = 2  # look-ahead frames a chunk waits for (the model has 2; fewer = zeros, less latency)
     playout_delay_ms: int = 400  # frame i is shown this long after its audio was captured (one clock)

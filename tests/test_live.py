@@ -349,8 +349,8 @@ def test_ice_servers_from_config():
 
 
 def test_live_levels_from_config(tmp_path):
-    """The shipped ladder: each level up is cheaper (more reuse, then no guidance; then fewer frames
-    decoded, which may start again from a gentler plan); telemetry names each level by its plan; [[live.levels]] tables are checked; the old
+    """The shipped ladder: each level up is cheaper (more reuse, then no guidance, then fewer frames
+    decoded); telemetry names each level by its plan; [[live.levels]] tables are checked; the old
     single-plan keys say where they went."""
     from engine.config import ConfigError, LevelConfig, LiveConfig
     from synccache import Schedule
@@ -358,7 +358,7 @@ def test_live_levels_from_config(tmp_path):
     assert LiveConfig().levels == levels  # the dataclass's default is the ladder configs/default.toml ships
     reused = [sum(map(sum, Schedule.load(load_config().path(lvl.schedule)).reuse)) for lvl in levels]
     guidance = [3.0 if lvl.guidance is None else lvl.guidance for lvl in levels]
-    cost = list(zip([lvl.decode_every for lvl in levels], reused, [-g for g in guidance]))
+    cost = list(zip(reused, [-g for g in guidance], [lvl.decode_every for lvl in levels]))
     assert len(levels) >= 3 and cost == sorted(set(cost)), cost  # strictly cheaper at every step up
     assert [lvl.name() for lvl in levels][:2] == ["synccache (ref-XS-10-gentle)",
                                                   "synccache (ref-XS-10-boost), guidance 1"]
