@@ -20,6 +20,12 @@ def rest_share(frames: int, decode_every: int) -> float:
     return (frames // decode_every - 1) / (frames - 1) if frames > 1 else 0.0
 
 
+def every_frame_ms(decode_ms: float, first_ms: float, share: float) -> float:
+    """A measured decode (first frames + `share` of the others, rest_share) as decoding every frame would take;
+    as measured where the level decodes only first frames (share 0: nothing to scale by)."""
+    return first_ms + (decode_ms - first_ms) / share if share > 0 else decode_ms
+
+
 def ping_pong(i: int, n: int) -> int:
     """Index into an n-frame loop played forwards then backwards: 0..n-1, n-2..1, 0.. (never a jump)."""
     if n <= 1:

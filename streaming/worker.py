@@ -18,7 +18,7 @@ import numpy as np
 from engine.audio import SAMPLE_RATE, SAMPLES_PER_FRAME
 from engine.config import Config
 from streaming.protocol import (ACTIVE_S, ChunkDone, ChunkRequest, DitDone, EndSession,
-                                FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, ping_pong, rest_share)
+                                FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, every_frame_ms, ping_pong, rest_share)
 from streaming.worker_process import main as worker_main
 
 # a round of chunks may fill at most this share of a chunk period: two sessions forced in, whose batch of two
@@ -350,7 +350,7 @@ class GenerationWorker:
             self.dit_ms[lvl][n - 1] = 0.8 * self.dit_ms[lvl][n - 1] + 0.2 * dit
         share = self._rest_share(lvl)
         if n <= len(self.decode_ms) and share > 0:  # a level that decodes only first frames says nothing of the rest
-            every = info["first_ms"] + (dec - info["first_ms"]) / share
+            every = every_frame_ms(dec, info["first_ms"], share)
             self.decode_ms[n - 1] = 0.8 * self.decode_ms[n - 1] + 0.2 * every
 
     def close(self):

@@ -42,7 +42,7 @@ from engine.audio import SAMPLES_PER_FRAME
 from engine.config import Config
 from streaming.protocol import (ACTIVE_S, ChunkDone, ChunkRequest, DitDone, EndSession,
                                 FirstFrame, ForgetIdle, IdleDone, IdleRequest, Ready, StartFailed, ping_pong,
-                                rest_share)
+                                every_frame_ms, rest_share)
 
 
 class _Worker:
@@ -375,7 +375,7 @@ def main(config: Config, inq, outq):
         level = max(range(len(times)), key=lambda lvl: (len(times[lvl][1]), w.decode_every[lvl] == 1))
         _, decode_ms, first_ms = times[level]
         share = rest_share(w.cfg.frames, w.decode_every[level])
-        decode_ms = [f + (d - f) / share if share else d for d, f in zip(decode_ms, first_ms)]
+        decode_ms = [every_frame_ms(d, f, share) for d, f in zip(decode_ms, first_ms)]
         for b in range(config.live.max_batch):
             w.gens.pop(f"warmup{b}", None)
         w.gens.pop("warmup", None)
