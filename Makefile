@@ -40,7 +40,7 @@ serve: venv
 
 # Regenerate the training corpus and retrain (not run by CI; CI uses the shipped weights).
 data: venv
-	$(BIN)/syncavatar data --out data/corpus --clips 600 --seed 0
+	$(BIN)/syncavatar data --out data/corpus --clips 480 --seed 0
 
 train: venv
 	$(BIN)/syncavatar train --corpus data/corpus --out runs/ref

@@ -49,10 +49,10 @@ def parse_budget(text: str, span_bytes: int, n_spans: int) -> int:
 def calibration_clips(n: int, corpus: str | None = None, seed: int = 7) -> list[dict]:
     """n clips from a corpus dir, or freshly made train-split clips (seed 7: not the training corpus)."""
     from engine.data.corpus import build_corpus
-    if corpus is None:
-        tmp = tempfile.mkdtemp(prefix="syncavatar-calib-")
-        build_corpus(tmp, clips=n, seed=seed, split="train", progress=False)
-        corpus = tmp
+    if corpus is None:  # made, read into memory, removed
+        with tempfile.TemporaryDirectory(prefix="syncavatar-calib-") as tmp:
+            build_corpus(tmp, clips=n, seed=seed, split="train", progress=False)
+            return calibration_clips(n, tmp)
     files = sorted(Path(corpus).glob("clip_*.npz"))[:n]
     if not files:
         raise FileNotFoundError(f"no clip_*.npz in {corpus}")

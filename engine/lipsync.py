@@ -164,7 +164,7 @@ def load_expert(path=DEFAULT_WEIGHTS):
     from safetensors.torch import load_file
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"lip-sync expert weights not found: {path} (train them with train_expert)")
+        raise FileNotFoundError(f"lip-sync expert weights not found: {path} (train them: syncavatar train --stage expert)")
     with safe_open(str(path), "pt") as f:
         config = json.loads((f.metadata() or {}).get("config", "{}"))
     model = _modules()[2](**config)

@@ -1,7 +1,6 @@
 """Train the lip-sync expert's two heads on corpus ground-truth openness (CPU, minutes)."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -184,21 +183,3 @@ def train_expert(corpus_dir, out_path, steps: int = 4000, batch: int = 64, seed:
     out_path.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
-
-def main(argv=None) -> None:
-    """CLI: python -m engine.train_expert CORPUS OUT [--val DIR] [--steps N] [--minutes M]."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("corpus_dir")
-    ap.add_argument("out_path", nargs="?", default="engine/weights/lipsync_expert.safetensors")
-    ap.add_argument("--val", dest="val_dir")
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--minutes", type=float, default=7.5, help="training time limit")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    m = train_expert(a.corpus_dir, a.out_path, a.steps, a.batch, a.seed, a.val_dir, a.minutes * 60)
-    print(json.dumps({k: v for k, v in m.items() if k != "log"}, indent=1))
-
-
-if __name__ == "__main__":
-    main()
