@@ -50,12 +50,17 @@ class LevelConfig:
     # slower stage (CPUs without AMX), 2 halves what is left after the first frame and the mouth moves at
     # 12.5 fps, where a skipped chunk would show the idle loop. It must divide the frames per chunk
     decode_every: int = 1
+    # a second decoder for the model's latents that draws this level's frames ("": the model's own), e.g. the
+    # lite decoder (engine/weights/decoder-lite.safetensors: half the cost, a softer picture)
+    decoder: str = ""
 
     def name(self) -> str:
-        """The level in telemetry: the method, its plan, the guidance where it differs, the frames decoded."""
+        """The level in telemetry: the method, its plan, the guidance where it differs, the frames decoded and
+        the decoder where it is not the model's own."""
         name = f"{self.cache} ({Path(self.schedule).stem})" if self.schedule else self.cache
         name = name if self.guidance is None else f"{name}, guidance {self.guidance:g}"
-        return name if self.decode_every == 1 else f"{name}, 1 frame in {self.decode_every} decoded"
+        name = name if self.decode_every == 1 else f"{name}, 1 frame in {self.decode_every} decoded"
+        return f"{name}, decoder {Path(self.decoder).stem}" if self.decoder else name
 
 
 @dataclass
@@ -206,7 +211,7 @@ def _levels(items: list) -> list:
             levels.append(item)
             continue
         if not isinstance(item, dict):
-            raise ConfigError(f"[live] levels[{i}] must be a table (cache, schedule, guidance, decode_every), "
+            raise ConfigError(f"[live] levels[{i}] must be a table (cache, schedule, guidance, decode_every, decoder), "
                           f"got {item!r}")
         g = item.get("guidance")
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 1.0):

@@ -62,12 +62,15 @@ class ChunkGenerator:
     fps = FPS
 
     def __init__(self, model, avatar: Avatar, steps=DEFAULT_STEPS, seed=0, shift=1.0, cache=None,
-                 guidance=DEFAULT_GUIDANCE, noise_scale=DEFAULT_NOISE_SCALE, fixed_noise=False):
+                 guidance=DEFAULT_GUIDANCE, noise_scale=DEFAULT_NOISE_SCALE, fixed_noise=False, decoder=None):
         """cache: a synccache.SyncCacheConfig or baselines.BaselineConfig (None: plain model).
         guidance: classifier-free guidance scale on the audio (1.0 = off); noise_scale: the start noise's std.
         fixed_noise: every chunk starts from the same noise (implied by a streaming cache).
+        decoder: the FrameAutoencoder that draws the frames (model.ae by default; a second decoder for the same
+        latents from engine.model.avatar.load_decoder, e.g. the lite one).
         """
         self.model, self.avatar, self.steps, self.shift = model, avatar, steps, shift
+        self.decoder = decoder or model.ae
         self.guidance, self.noise_scale = guidance, noise_scale
         # SyncCache's streaming extension reuses residuals across chunks: every chunk starts from the same
         # noise, so that a step's heavy-block inputs (mostly noise early on) match the previous chunk's
@@ -82,11 +85,24 @@ class ChunkGenerator:
         with torch.no_grad():
             ref = model.ae.to_input(avatar.rgb)[None]
             self.ref_latent = model.ae.encode(ref)  # [1, C, H, W]
-            self.ref_feats = model.ae.reference(ref)
+        self._feats = {}
         self.face_mask = torch.from_numpy(avatar.face_mask)[None].float()
         self.person_mask = torch.from_numpy(avatar.person_mask)[None].float()
         self.timer = {}
         self.reset()
+
+    def features(self, decoder=None):
+        """What `decoder` (this generator's by default) needs of the portrait (FrameAutoencoder.reference),
+        computed once per decoder."""
+        decoder = decoder or self.decoder
+        if id(decoder) not in self._feats:
+            with torch.no_grad():
+                self._feats[id(decoder)] = decoder, decoder.reference(decoder.to_input(self.avatar.rgb)[None])
+        return self._feats[id(decoder)][1]
+
+    @property
+    def ref_feats(self):
+        return self.features()
 
     def close(self):
         """Detach the cache hooks: the model is exactly as it was."""
@@ -148,7 +164,7 @@ class ChunkGenerator:
         self.motion = z[:, -self.cfg.motion_frames:]
         self.last_latents = z  # [1, W, C, h, w]: the live engine keeps idle-loop latents
         if decode:
-            return self.model.ae.to_uint8(self.model.ae.decode(z[0], self.ref_feats))
+            return self.decoder.to_uint8(self.decoder.decode(z[0], self.ref_feats))
         return None
 
 
@@ -185,28 +201,29 @@ def denoise_batch(gens: list, windows: list, starts: list, timer: dict | None = 
 
 
 @torch.no_grad()
-def decode_batch(gens: list, z: torch.Tensor) -> list:
+def decode_batch(gens: list, z: torch.Tensor, decoder=None) -> list:
     """The decoder half of chunk_batch: latents [B, W, C, h, w] -> [uint8 frames [W, 128, 128, 3] per
-    generator], one decoder pass for every frame, each frame with its own portrait's features."""
-    ae, w = gens[0].model.ae, z.shape[1]
+    generator], one decoder pass for every frame, each frame with its own portrait's features.
+    decoder: the FrameAutoencoder that draws them (the first generator's by default)."""
+    ae, w = decoder or gens[0].decoder, z.shape[1]
     if len(gens) == 1:  # as ChunkGenerator.chunk decodes: the portrait's features broadcast
-        return [ae.to_uint8(ae.decode(z[0], gens[0].ref_feats))]
-    feats = [torch.cat([g.ref_feats[0][k] for g in gens]).repeat_interleave(w, 0)
-             for k in range(len(gens[0].ref_feats[0]))]
-    image = torch.cat([g.ref_feats[1] for g in gens]).repeat_interleave(w, 0)
+        return [ae.to_uint8(ae.decode(z[0], gens[0].features(ae)))]
+    feats = [g.features(ae) for g in gens]
+    image = torch.cat([f[1] for f in feats]).repeat_interleave(w, 0)
+    feats = [torch.cat([f[0][k] for f in feats]).repeat_interleave(w, 0) for k in range(len(feats[0][0]))]
     frames = ae.to_uint8(ae.decode(z.flatten(0, 1), (feats, image)))
     return [frames[i * w:(i + 1) * w] for i in range(len(gens))]
 
 
 def render_frames(model, avatar, audio, steps=DEFAULT_STEPS, seed=0, progress=False, cache=None,
-                  guidance=DEFAULT_GUIDANCE, noise_scale=DEFAULT_NOISE_SCALE):
+                  guidance=DEFAULT_GUIDANCE, noise_scale=DEFAULT_NOISE_SCALE, decoder=None):
     """Audio (float32 16 kHz mono) -> (frames uint8 [T,128,128,3], stats dict), T = ceil(audio_s * 25).
 
-    cache: None (plain model) or a synccache.SyncCacheConfig; guidance, noise_scale: see ChunkGenerator.
+    cache: None (plain model) or a synccache.SyncCacheConfig; guidance, noise_scale, decoder: see ChunkGenerator.
     """
     t_start = time.perf_counter()
     gen = ChunkGenerator(model, avatar, steps=steps, seed=seed, cache=cache, guidance=guidance,
-                         noise_scale=noise_scale)
+                         noise_scale=noise_scale, decoder=decoder)
     frames, stats = render_with(gen, audio, progress)
     total_ms = (time.perf_counter() - t_start) * 1000
     stats |= {"steps": steps, "guidance": guidance, "dit_ms": round(gen.timer["dit_ms"], 1),

@@ -51,11 +51,12 @@ def seam_ratio(frames: np.ndarray, chunk: int) -> float:
     return float(d[at].mean() / max(d[~at].mean(), 1e-6))
 
 
-def ae_roundtrip(model, frames: np.ndarray, ref: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Frames uint8 [T,128,128,3] encoded and decoded by model.ae with reference ref uint8 [128,128,3]
-    (as the generator decodes) -> uint8 [T,128,128,3]."""
+def ae_roundtrip(model, frames: np.ndarray, ref: np.ndarray, batch: int = 32, decoder=None) -> np.ndarray:
+    """Frames uint8 [T,128,128,3] encoded and decoded by model.ae (or a second decoder of its latents,
+    engine.model.avatar.load_decoder) with reference ref uint8 [128,128,3] (as the generator decodes)
+    -> uint8 [T,128,128,3]."""
     import torch
-    ae = model.ae
+    ae = decoder or model.ae
     out = []
     with torch.no_grad():
         ref_feats = ae.reference(ae.to_input(ref)[None])

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from engine.data import portraits
 from engine.model.audio_encoder import audio_window
-from engine.model.avatar import AvatarModel, save_model
+from engine.model.avatar import AvatarModel, save_decoder, save_model
 from engine.model.dit import PRESETS
 from engine.sampler import DEFAULT_GUIDANCE
 
@@ -69,7 +69,7 @@ class Checkpointer:
             w.writerows(rows)
 
 
-def _model(preset="ref-S"):
+def _model(preset="ref-XS"):
     return AvatarModel(PRESETS[preset])
 
 
@@ -80,7 +80,7 @@ def _lr(step, total, base, warmup=200):
 
 
 # ---------------------------------------------------------------------------------------------- AE
-def train_ae(corpus, run_dir, steps=3000, batch=16, lr=1e-3, seed=0, preset="ref-S"):
+def train_ae(corpus, run_dir, steps=3000, batch=16, lr=1e-3, seed=0, preset="ref-XS"):
     """Stage 1: frame autoencoder with the reference-conditioned decoder."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -127,7 +127,7 @@ def train_ae(corpus, run_dir, steps=3000, batch=16, lr=1e-3, seed=0, preset="ref
 
 
 @torch.no_grad()
-def encode_corpus(corpus, run_dir, preset="ref-S", init=None):
+def encode_corpus(corpus, run_dir, preset="ref-XS", init=None):
     """Stage 2: fit latent statistics, encode every clip (and its reference) once.
 
     init: shipped weights to take the autoencoder from (latent statistics included) instead of RUN/ae.pt.
@@ -249,7 +249,7 @@ def predicted_motion(model, b, t_range=(0.1, 0.7)):
     return (xt - tt * v)[:, -m:]
 
 
-def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="ref-S", bf16=True, init=None,
+def train_dit(corpus, run_dir, steps=6000, batch=32, lr=3e-4, seed=0, preset="ref-XS", bf16=True, init=None,
               audio_drop=0.1, motion_noise=0.25, self_motion=0.5, audio_warmup=3000):
     """Stage 3: audio encoder + DiT, rectified flow matching with a face- and motion-weighted loss and an
     openness aux loss.
@@ -427,7 +427,7 @@ def dit_latents(model, b, t_max=0.3, guidance=DEFAULT_GUIDANCE):
 
 
 def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, generated=0.5, t_max=0.3, max_clips=None,
-                  fine=0, blink_share=0.0, fine_window=None, portrait_share=0.0):
+                  fine=0, blink_share=0.0, fine_window=None, portrait_share=0.0, widths=None):
     """Stage `decoder`: retrain the reference-conditioned decoder (flow warp + delta) and the reference
     encoder with the frame encoder frozen, so the latent space, and with it the DiT, its SyncCache
     calibration and schedules, stays as shipped in `init`.
@@ -439,18 +439,24 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     fine: width of the 128-px refinement stage to add (AEConfig.fine; kept if init has one); blink_share:
     the fraction of chunks drawn so that they hold a closed-eye frame; fine_window: the rows and columns
     that stage covers (AEConfig.fine_window); portrait_share: the fraction of chunks that are faces the corpus
-    never shows (PortraitSampler), decoded from their encoder latents.
+    never shows (PortraitSampler), decoded from their encoder latents. widths: a decoder of other widths
+    (AEConfig.decoder_widths, e.g. a cheaper one for slow CPUs) that starts from scratch beside init's reference
+    encoder.
     """
     from engine.model.autoencoder import AEConfig
     from engine.model.avatar import load_model
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 2)
     shipped = load_model(init)
+    widths = tuple(widths) if widths else shipped.ae.cfg.decoder_widths
     ae_cfg = AEConfig(**{**shipped.ae.cfg.__dict__, "flow": True, "fine": shipped.ae.cfg.fine or fine,
-                         "fine_window": fine_window or shipped.ae.cfg.fine_window})
+                         "fine_window": fine_window or shipped.ae.cfg.fine_window, "decoder_widths": widths})
     model = AvatarModel(shipped.cfg, ae_cfg)
-    missing, unexpected = model.load_state_dict(shipped.state_dict(), strict=False)
-    if unexpected or any(not k.startswith(("ae.decoder.flow.", "ae.decoder.fine")) for k in missing):
+    state, new = shipped.state_dict(), ("ae.decoder.flow.", "ae.decoder.fine")
+    if widths != shipped.ae.cfg.decoder_widths:  # a decoder of other widths starts from scratch
+        state, new = {k: v for k, v in state.items() if not k.startswith("ae.decoder.")}, ("ae.decoder.",)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(new) for k in missing):
         raise RuntimeError(f"init {init} does not fit: missing {missing}, unexpected {unexpected}")
     del shipped
     model.eval()
@@ -511,12 +517,14 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
             rows = []
     bar.close()
     out = Path(run_dir) / "avatar.safetensors"
-    save_model(model, out, extra_meta={"decoder_steps": step, "decoder_init": str(init)})
-    print(json.dumps({"out": str(out), "decoder_steps": step}))
+    meta = {"decoder_steps": step, "decoder_init": str(init)}
+    save_model(model, out, extra_meta=meta)
+    save_decoder(model.ae, Path(run_dir) / "decoder.safetensors", extra_meta=meta)  # what ships as a second decoder
+    print(json.dumps({"out": str(out), "decoder": str(Path(run_dir) / "decoder.safetensors"), "decoder_steps": step}))
     return model
 
 
-def export(run_dir, out_path, preset="ref-S"):
+def export(run_dir, out_path, preset="ref-XS"):
     """Stage 4: gather AE + DiT + audio encoder into one safetensors file."""
     run_dir = Path(run_dir)
     model = _model(preset)

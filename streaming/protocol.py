@@ -69,6 +69,8 @@ class Ready:
     decode_ms: list = None  # ms of decoding every frame of a batch of B = 1..max_batch chunks
     first_ms: list = None  # of which the first frame of each chunk (decoded first)
     pipelined: bool = False  # decoding runs beside the next batch's DiT (DecodeStage)
+    # per level, what its decoder costs against the model's own (1.0 there; [[live.levels]] decoder)
+    decode_scale: list = None
 
 
 @dataclass

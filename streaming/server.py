@@ -535,6 +535,8 @@ def serve(config: Config) -> None:
              len(engine.dit_ms[0]), [[round(ms) for ms in d] for d in engine.dit_ms],
              [round(ms) for ms in engine.decode_ms], "beside the next batch's DiT" if engine.pipelined
              else "after the DiT", [round(ms) for ms in engine.first_ms])
+    if any(x != 1.0 for x in engine.decode_scale):
+        log.info("levels' decoders cost %s of the model's", [round(x, 2) for x in engine.decode_scale])
     server = AvatarServer(config, engine, telemetry)
     try:
         web.run_app(server.app(), host=s.host, port=s.port, print=lambda m: log.info(

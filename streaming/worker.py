@@ -101,6 +101,8 @@ class GenerationWorker:
         self.dit_ms = [list(d) for d in msg.dit_ms]
         self.decode_ms = list(msg.decode_ms or [0.0])
         self.first_ms = list(msg.first_ms or [0.0])
+        # per level, its decoder's cost against the model's own ([[live.levels]] decoder), measured at start-up
+        self.decode_scale = list(msg.decode_scale or [1.0] * len(self.dit_ms))
         self.pipelined = msg.pipelined
         self.closed = False
         self._reader = threading.Thread(target=self._read, name="syncavatar-results", daemon=True)
@@ -173,9 +175,14 @@ class GenerationWorker:
 
     def decode_est_ms(self, level: int, b: int) -> float:
         """ms to decode a batch of b chunks at this level: the first frames, then the share of the other
-        frames the level decodes ([[live.levels]] decode_every) of what decoding them all takes."""
+        frames the level decodes ([[live.levels]] decode_every) of what decoding them all takes, both with
+        the level's decoder (decode_scale)."""
         first = self._per_b(self.first_ms, b)
-        return first + (self._per_b(self.decode_ms, b) - first) * self._rest_share(level)
+        return (first + (self._per_b(self.decode_ms, b) - first) * self._rest_share(level)) * self.decode_scale[level]
+
+    def first_est_ms(self, level: int, b: int) -> float:
+        """ms to decode the first frames of a batch of b chunks at this level (its decoder)."""
+        return self._per_b(self.first_ms, b) * self.decode_scale[level]
 
     def first_frame_ms(self, level: int, rounds: list, busy_ms: float = 0.0) -> float:
         """ms from now until the first frames of the last of these rounds (sizes: chunks in each, not yet
@@ -188,7 +195,7 @@ class GenerationWorker:
         batches = [b for size in rounds for b in self._batches(level, size)]
         dit_end, dec_end = 0.0, busy_ms
         for i, b in enumerate(batches):
-            dit, dec, first = self.dit_ms[level][b - 1], self.decode_est_ms(level, b), self._per_b(self.first_ms, b)
+            dit, dec, first = self.dit_ms[level][b - 1], self.decode_est_ms(level, b), self.first_est_ms(level, b)
             dit_end = (dit_end if self.pipelined else dec_end) + dit
             start = max(dit_end, dec_end)
             if i == len(batches) - 1:
@@ -339,10 +346,13 @@ class GenerationWorker:
 
     def _learn(self, info: dict) -> None:
         """Running means of the measured times of a finished batch (alone: its latency as gen_ms); decoding
-        as what decoding every frame would have taken (decode_est_ms scales it back per level)."""
+        as what decoding every frame with the model's decoder would have taken (decode_est_ms scales it back
+        per level)."""
         lvl, n, dit, dec = info["level"], info.get("batch", 1), info["dit_ms"], info["decode_ms"]
+        scale = self.decode_scale[lvl]
+        first_ms = info["first_ms"] / scale
         if n <= len(self.first_ms):
-            self.first_ms[n - 1] = 0.8 * self.first_ms[n - 1] + 0.2 * info["first_ms"]
+            self.first_ms[n - 1] = 0.8 * self.first_ms[n - 1] + 0.2 * first_ms
         if n == 1:
             prev = self.gen_ms[lvl]
             self.gen_ms[lvl] = dit + dec if prev is None else 0.8 * prev + 0.2 * (dit + dec)
@@ -350,7 +360,7 @@ class GenerationWorker:
             self.dit_ms[lvl][n - 1] = 0.8 * self.dit_ms[lvl][n - 1] + 0.2 * dit
         share = self._rest_share(lvl)
         if n <= len(self.decode_ms) and share > 0:  # a level that decodes only first frames says nothing of the rest
-            every = every_frame_ms(dec, info["first_ms"], share)
+            every = every_frame_ms(dec / scale, first_ms, share)
             self.decode_ms[n - 1] = 0.8 * self.decode_ms[n - 1] + 0.2 * every
 
     def close(self):

@@ -52,7 +52,7 @@ class _Worker:
         import torch
 
         from engine.model.audio_encoder import MARGIN_FRAMES
-        from engine.model.avatar import load_model
+        from engine.model.avatar import load_decoder, load_model
         self.torch = torch
         if config.live.worker_threads > 0:
             torch.set_num_threads(config.live.worker_threads)
@@ -64,6 +64,9 @@ class _Worker:
         self.levels = [self._cache(lvl.cache, lvl.schedule) for lvl in live.levels]  # cache config per level
         self.guidance = [m.guidance if lvl.guidance is None else lvl.guidance for lvl in live.levels]
         self.decode_every = [lvl.decode_every for lvl in live.levels]
+        loaded = {}  # each decoder file once; None: the model's own decoder
+        self.decoders = [loaded.setdefault(lvl.decoder, load_decoder(config.path(lvl.decoder), self.model))
+                         if lvl.decoder else None for lvl in live.levels]
         for i, k in enumerate(self.decode_every):
             if self.cfg.frames % k:
                 raise ValueError(f"[live] levels[{i}] decode_every = {k} must divide the model's "
@@ -174,19 +177,19 @@ class _Worker:
         """The decoder stage -> [(frames, info)] per chunk. The first frame of every chunk is decoded first
         (it is due first; the others follow 40 ms apart): early(job, first frames, when ready), if given, gets
         it before the rest are decoded (docs/live/stop15/stages.json: 9.9 + 22.0 ms, 4 at once 29.3). A level
-        with decode_every k decodes frames 0, k, 2k, ... and shows each k times.
+        with decode_every k decodes frames 0, k, 2k, ... and shows each k times, with the level's decoder.
         info: the DiT stage's plus first_ms / decode_ms (first frame / all), gen_end / gen_ms (all frames
         ready, counted from the DiT stage's start, any wait for the decoder included)."""
         from engine.generator import decode_batch
-        k = self.decode_every[d.info["level"]]
+        k, decoder = self.decode_every[d.info["level"]], self.decoders[d.info["level"]]
         start = time.monotonic()
         with self.autocast():  # decode_batch runs without autograd
-            heads = decode_batch(d.gens, d.z[:, :1])
+            heads = decode_batch(d.gens, d.z[:, :1], decoder)
             first = time.monotonic()
             if early is not None:
                 for job, f in zip(d.jobs, heads):
                     early(job, f, first)
-            rests = decode_batch(d.gens, d.z[:, k::k]) if d.z.shape[1] > k else [f[:0] for f in heads]
+            rests = decode_batch(d.gens, d.z[:, k::k], decoder) if d.z.shape[1] > k else [f[:0] for f in heads]
         end = time.monotonic()
         info = d.info | {"first_ms": (first - start) * 1000, "decode_ms": (end - start) * 1000, "gen_end": end,
                          "gen_ms": (end - d.info["gen_start"]) * 1000}
@@ -310,6 +313,13 @@ def time_batches(w: _Worker, silence, level: int, max_batch: int, rounds: int = 
     return dit, dec, first
 
 
+def _decode_scale(times, share: float, every_ms: float, first_ms: float) -> float:
+    """What a level's own decoder costs against the model's: its decoding of one chunk (time_batches) as every
+    frame would take, over the model's decoder's every_ms; by first frames where the level decodes no other."""
+    _, dec, first = times
+    return every_frame_ms(dec[0], first[0], share) / every_ms if share > 0 else first[0] / first_ms
+
+
 def next_batch(first: ChunkRequest, backlog: collections.deque, max_batch: int) -> list:
     """`first` plus the queued chunks that may join it, taken out of the backlog: other sessions' chunks,
     oldest first, up to max_batch, never past a control message (so an EndSession still follows its
@@ -370,12 +380,17 @@ def main(config: Config, inq, outq):
                  for level in range(len(w.levels))]
         gen_ms = [dit[0] + dec[0] for dit, dec, _ in times]  # one chunk alone, all frames after both stages
         dit_ms = [dit for dit, _, _ in times]
-        # decoding every frame costs the same at every level: from the level with the most batch sizes timed,
-        # its decode_every undone (the server scales it back per level)
-        level = max(range(len(times)), key=lambda lvl: (len(times[lvl][1]), w.decode_every[lvl] == 1))
+        # decoding every frame with the model's decoder costs the same at every level: from the level with the
+        # most batch sizes timed, its decode_every undone (the server scales it back per level); a level with a
+        # decoder of its own ([[live.levels]] decoder) costs decode_scale times that
+        level = max(range(len(times)), key=lambda lvl: (w.decoders[lvl] is None, len(times[lvl][1]),
+                                                         w.decode_every[lvl] == 1))
         _, decode_ms, first_ms = times[level]
-        share = rest_share(w.cfg.frames, w.decode_every[level])
-        decode_ms = [every_frame_ms(d, f, share) for d, f in zip(decode_ms, first_ms)]
+        decode_ms = [every_frame_ms(d, f, rest_share(w.cfg.frames, w.decode_every[level]))
+                     for d, f in zip(decode_ms, first_ms)]
+        scale = [1.0 if w.decoders[lvl] is w.decoders[level] else _decode_scale(
+            times[lvl], rest_share(w.cfg.frames, w.decode_every[lvl]), decode_ms[0], first_ms[0])
+            for lvl in range(len(times))]
         for b in range(config.live.max_batch):
             w.gens.pop(f"warmup{b}", None)
         w.gens.pop("warmup", None)
@@ -383,7 +398,7 @@ def main(config: Config, inq, outq):
         outq.put(StartFailed(f"{type(e).__name__}: {e}"))
         return
     outq.put(Ready(gen_ms, "bf16" if w.bf16 else "fp32", dit_ms, audio["backend"], audio["ms"], decode_ms,
-                   first_ms, pipelined))
+                   first_ms, pipelined, scale))
     stage = DecodeStage(w, outq, threaded=pipelined)
     try:
         _serve(w, config, inq, outq, stage)

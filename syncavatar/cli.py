@@ -125,7 +125,8 @@ def cmd_train(a):
             train.train_decoder(corpus, a.out, a.init, steps=a.decoder_steps, lr=a.decoder_lr,
                                 generated=a.decoder_generated, t_max=a.decoder_tmax, fine=a.decoder_fine,
                                 blink_share=a.decoder_blinks, portrait_share=a.decoder_portraits,
-                                fine_window=tuple(int(v) for v in a.decoder_window.split(",")) if a.decoder_window else None)
+                                fine_window=tuple(int(v) for v in a.decoder_window.split(",")) if a.decoder_window else None,
+                                widths=tuple(int(v) for v in a.decoder_widths.split(",")) if a.decoder_widths else None, batch=a.decoder_batch)
         elif stage == "export":
             train.export(a.out, Path(a.out) / "avatar.safetensors", preset=a.preset)
 
@@ -442,7 +443,7 @@ def build_parser():
     t.add_argument("--stage", default="all", choices=["all", "ae", "latents", "dit", "expert", "export", "decoder"],
                    help="decoder: retrain only the flow-warp decoder of --init (frozen encoder, DiT kept); "
                         "writes OUT/avatar.safetensors")
-    t.add_argument("--preset", default="ref-S")
+    t.add_argument("--preset", default="ref-XS")
     t.add_argument("--ae-steps", type=int, default=3000)
     t.add_argument("--dit-steps", type=int, default=6000)
     t.add_argument("--decoder-steps", type=int, default=1000)
@@ -456,6 +457,10 @@ def build_parser():
                    help="fraction of decoder training chunks that hold a closed-eye frame")
     t.add_argument("--decoder-window", default="",
                    help="r0,r1,c0,c1: the pixels the 128-px stage covers (default: the whole frame)")
+    t.add_argument("--decoder-widths", default="",
+                   help="a new decoder of these widths at 128,64,32,16,8 px (e.g. 16,16,32,64,128: the lite decoder), "
+                        "trained from scratch")
+    t.add_argument("--decoder-batch", type=int, default=4, help="chunks (4 frames each) per decoder step")
     t.add_argument("--decoder-portraits", type=float, default=0.0,
                    help="fraction of decoder training chunks drawn from faces the corpus never shows")
     t.add_argument("--dit-lr", type=float, default=3e-4, help="peak learning rate of the dit stage")

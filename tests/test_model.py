@@ -187,3 +187,37 @@ def test_shipped_weights_load_and_fit_budget():
     n = sum(p.numel() for p in model.parameters())
     assert n > 1e6
     assert model.cfg.frames >= 1 and math.isfinite(float(model.dit.final_layer.linear.weight.detach().abs().sum()))
+
+
+def test_a_narrower_decoder_draws_the_same_latents_and_a_decoder_file_loads_only_for_them(tmp_path):
+    """AEConfig.decoder_widths: the decoder's own widths, the reference features it fuses as wide as the
+    encoders'. save_decoder writes the decoding side alone; load_decoder shares the model's encoder and
+    refuses a file made for other latents (other statistics or encoder widths)."""
+    from engine.model.avatar import AvatarModel, load_decoder, save_decoder
+    from engine.model.dit import PRESETS
+    model = AvatarModel(PRESETS["ref-XS"], AEConfig(flow=True, fine=8, fine_window=(24, 96, 28, 100))).eval()
+    lite = FrameAutoencoder(AEConfig(flow=True, fine=8, fine_window=(24, 96, 28, 100),
+                                     decoder_widths=(16, 16, 32, 64, 128))).eval()
+    lite.latent_mean.copy_(model.ae.latent_mean)
+    torch.nn.init.normal_(lite.decoder.head.weight, std=0.02)  # not the reference copy a new decoder starts as
+    save_decoder(lite, tmp_path / "lite.safetensors")
+    loaded = load_decoder(tmp_path / "lite.safetensors", model)
+    assert loaded.encoder is model.ae.encoder
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        z = model.ae.encode(x)
+        y = loaded.decode(z, loaded.reference(x[:1]))
+        want = lite.decode(z, lite.reference(x[:1]))
+    assert y.shape == (2, 3, 128, 128) and torch.allclose(y, want, atol=1e-2)  # fp16 storage
+    assert sum(p.numel() for p in lite.decoder.parameters()) < sum(p.numel() for p in model.ae.decoder.parameters())
+    other = AvatarModel(PRESETS["ref-XS"], AEConfig(flow=True)).eval()
+    other.ae.latent_mean.fill_(0.5)
+    with pytest.raises(ValueError, match="other latents"):
+        load_decoder(tmp_path / "lite.safetensors", other)
+    wide = AvatarModel(PRESETS["ref-XS"], AEConfig(flow=True, widths=(16, 32, 64, 128, 256))).eval()
+    with pytest.raises(ValueError, match="decodes other latents"):
+        load_decoder(tmp_path / "lite.safetensors", wide)
+    with pytest.raises(FileNotFoundError):
+        load_decoder(tmp_path / "none.safetensors", model)
+    with pytest.raises(ValueError, match="one width per scale"):
+        FrameAutoencoder(AEConfig(flow=True, decoder_widths=(16, 16, 32, 64)))

@@ -6,7 +6,7 @@ import torch
 
 from engine import train
 from engine.data.corpus import build_corpus
-from engine.model.avatar import load_model
+from engine.model.avatar import load_decoder, load_model
 
 
 def test_train_stages_resume_and_export(tmp_path):
@@ -39,6 +39,13 @@ def test_train_stages_resume_and_export(tmp_path):
     assert shipped.ae.cfg.fine == 8 and tuple(shipped.ae.cfg.fine_window) == (24, 96, 28, 100)
     for (k, a), b in zip(model.dit.state_dict().items(), shipped.dit.state_dict().values()):
         assert torch.allclose(a, b.float(), atol=1e-3), k  # the decoder stage leaves the DiT alone
+    # a second, narrower decoder of the same latents, from scratch beside the first one's reference encoder
+    run4 = tmp_path / "run4"
+    train.train_decoder(corpus, run4, run3 / "avatar.safetensors", steps=1, batch=2, widths=(16, 16, 32, 64, 128))
+    lite = load_decoder(run4 / "decoder.safetensors", shipped)
+    assert lite.cfg.decoder_widths == (16, 16, 32, 64, 128) and lite.encoder is shipped.ae.encoder
+    assert sum(p.numel() for p in lite.decoder.parameters()) < sum(p.numel() for p in shipped.ae.decoder.parameters())
+    assert (run4 / "decoder.safetensors").stat().st_size < (run4 / "avatar.safetensors").stat().st_size / 4
     faces = train.PortraitSampler(np.random.default_rng(0), frames=4).batch(2)
     assert faces["frames"].shape == (2, 4, 128, 128, 3) and faces["ref_img"].shape == (2, 128, 128, 3)
     assert faces["face_px"].shape == (2, 4, 128, 128) and faces["face_px"].any()

@@ -31,14 +31,16 @@ def test_next_batch_one_chunk_per_session_in_order():
     assert len(next_batch(_req(0, "a"), backlog, max_batch=1)) == 1 and len(backlog) == 2
 
 
-def _worker(dit_ms, decode_ms=(0.0,), first_ms=(0.0,), pipelined=False, decode_every=None):
+def _worker(dit_ms, decode_ms=(0.0,), first_ms=(0.0,), pipelined=False, decode_every=None, decode_scale=None):
     """The server-side bookkeeping only, no process: per level the DiT ms of a batch of 1, 2, ... chunks;
-    decode_ms: of decoding every frame of a batch of 1, 2, ... chunks; decode_every: per level (all 1)."""
+    decode_ms: of decoding every frame of a batch of 1, 2, ... chunks; decode_every, decode_scale: per level
+    (all 1)."""
     from engine.config import LevelConfig
     w = GenerationWorker.__new__(GenerationWorker)
     w.dit_ms, w._jobs, w.pending, w._speaking = [list(d) for d in dit_ms], {}, 0, {}
     w.pipelined, w.decode_ms, w.first_ms, w._heads = pipelined, list(decode_ms), list(first_ms), {}
     w._decoding = {}
+    w.decode_scale = list(decode_scale or [1.0] * len(dit_ms))
     w.cfg = type("DiTConfig", (), {"frames": 4})()
     levels = [LevelConfig(decode_every=k) for k in (decode_every or [1] * len(dit_ms))]
     w.config = type("Config", (), {"live": type("Live", (), {"batch_wait_ms": 30, "levels": levels})()})()
@@ -372,6 +374,59 @@ def test_a_level_that_decodes_every_other_frame_costs_half_the_rest():
     w.gen_ms = [221.0, 151.0]
     w._learn({"level": 1, "batch": 1, "dit_ms": 76.0, "decode_ms": 40 + 105 / 3 * 1.2, "first_ms": 40.0})
     assert w.decode_ms[0] == pytest.approx(0.8 * 145 + 0.2 * (40 + 105 * 1.2))  # as if it had decoded all
+
+
+def test_a_level_with_a_cheaper_decoder_predicts_and_learns_by_its_cost():
+    """[[live.levels]] decoder: a level whose decoder costs half (decode_scale 0.5, measured at start-up)
+    predicts half the decoding and first frames; what it measures is learned as the model's decoder's cost."""
+    w = _worker([[76.0], [76.0]], decode_ms=[145.0], first_ms=[40.0], pipelined=True, decode_scale=[1.0, 0.5])
+    assert w.decode_est_ms(0, 1) == pytest.approx(145.0) and w.decode_est_ms(1, 1) == pytest.approx(72.5)
+    assert w.first_est_ms(1, 1) == pytest.approx(20.0)
+    assert w.hold_ms(1, 1) == pytest.approx(76.0) and w.hold_ms(0, 1) == pytest.approx(145.0)
+    assert w.first_frame_ms(1, [1]) == pytest.approx(76 + 20)
+    w.chunk_ms = lambda: 140.0
+    assert [w.keeps_up(lvl) for lvl in (0, 1)] == [False, True]
+    w.gen_ms = [221.0, 148.0]
+    w._learn({"level": 1, "batch": 1, "dit_ms": 76.0, "decode_ms": 90.0, "first_ms": 24.0})
+    assert w.first_ms[0] == pytest.approx(0.8 * 40 + 0.2 * 48)  # as the model's decoder would have taken
+    assert w.decode_ms[0] == pytest.approx(0.8 * 145 + 0.2 * 180)
+
+
+def test_a_level_with_its_own_decoder_draws_its_frames_with_it(speech_wav, tmp_path):
+    """[[live.levels]] decoder = a decoder file of the model's latents: that level's frames are that
+    decoder's (as load_decoder draws them), the other levels' the model's own."""
+    from dataclasses import replace
+
+    from engine.config import LevelConfig, load_config
+    from engine.generator import ChunkGenerator, load_avatar
+    from engine.media import load_audio
+    from engine.model.autoencoder import FrameAutoencoder
+    from engine.model.avatar import load_decoder, save_decoder
+    from streaming.worker_process import _Worker
+    cfg = load_config()
+    top = cfg.live.levels[-1]
+    w0 = _Worker(cfg)
+    lite = FrameAutoencoder(replace(w0.model.ae.cfg, decoder_widths=(16, 16, 32, 64, 128))).eval()
+    lite.load_state_dict({k: v for k, v in w0.model.ae.state_dict().items() if not k.startswith("decoder.")}, strict=False)
+    torch.nn.init.normal_(lite.decoder.head.weight, std=0.05)  # draws something other than the reference
+    save_decoder(lite, tmp_path / "lite.safetensors")
+    cfg.live.levels = [LevelConfig(top.cache, top.schedule, top.guidance),
+                       LevelConfig(top.cache, top.schedule, top.guidance, decoder=str(tmp_path / "lite.safetensors"))]
+    w = _Worker(cfg)
+    assert w.decoders[0] is None and w.decoders[1] is not None
+    assert "decoder lite" in cfg.live.levels[1].name()
+    speech = load_audio(speech_wav)
+    n = (w.cfg.audio_frames + 2) * 640
+    d = w.denoise([ChunkRequest(0, "a", "0", speech[:n], 0, None)])[0]
+    full = w.decode(d)[0][0]
+    d.info = d.info | {"level": 1}
+    own = w.decode(d)[0][0]
+    gen = ChunkGenerator(w.model, load_avatar("0"), decoder=load_decoder(tmp_path / "lite.safetensors", w.model))
+    with torch.no_grad():
+        want = gen.decoder.to_uint8(gen.decoder.decode(d.z[0], gen.ref_feats))
+    assert own.shape == full.shape == (4, 128, 128, 3)
+    assert np.abs(own.astype(int) - want).max() <= 1
+    assert np.abs(own.astype(int) - full).mean() > 1
 
 
 def test_a_level_decoding_every_other_frame_shows_each_twice(speech_wav):

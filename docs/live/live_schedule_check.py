@@ -4,9 +4,10 @@ test clips) at the live engine's 10 steps, scored by lip sync and the picture.
     .venv/bin/python docs/live/live_schedule_check.py data/dev 8 docs/live/live_schedule_check.json \
         configs/synccache/ref-XS-10.json:1 configs/synccache/ref-XS-10.json:0 OLD.json:0
 
-Each candidate is SCHEDULE:forecast[:guidance[:decode_every]] (guidance: the model's 3.0 unless given; 1.0 =
+Each candidate is SCHEDULE:forecast[:guidance[:decode_every[:decoder]]] (guidance: the model's 3.0 unless given; 1.0 =
 off, half the DiT batch; decode_every k: frames 0, k, 2k, ... of each chunk shown k times each, as a
-[[live.levels]] table with decode_every = k shows them). Frames decode with the shipped model in fp32 (the worker's bf16
+[[live.levels]] table with decode_every = k shows them; decoder: a second decoder's file, e.g.
+engine/weights/decoder-lite.safetensors, as the table's `decoder`). Frames decode in fp32 (the worker's bf16
 changes frames by 59-64 dB PSNR); no timing here (reuse counts set the speed).
 """
 import json
@@ -17,7 +18,7 @@ import torch
 
 from engine.generator import Avatar, render_frames
 from engine.lipsync import evaluate_arrays
-from engine.model.avatar import load_model
+from engine.model.avatar import load_decoder, load_model
 from engine.picture import face_psnr
 from engine.bench import load_clips
 from synccache import Schedule, SyncCacheConfig
@@ -25,18 +26,21 @@ from synccache import Schedule, SyncCacheConfig
 torch.set_num_threads(1)
 corpus, n, out, cands = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 model = load_model()
+decoders = {}
 rows = {c: [] for c in ["uncached"] + cands}
 for clip in load_clips(corpus, n):
     ident = json.loads(str(clip["meta"]))["identity"]
     avatar = Avatar("dev", clip["ref"], clip["ref_person_mask"].astype(bool), clip["ref_face_mask"].astype(bool))
     for c in rows:
-        cache, guidance, every = None, 3.0, 1
+        cache, guidance, every, decoder = None, 3.0, 1, None
         if c != "uncached":
             path, fc, *g = c.split(":")
             cache = SyncCacheConfig(schedule=Schedule.load(path), forecast=int(fc))
             guidance = float(g[0]) if g else guidance
             every = int(g[1]) if len(g) > 1 else every
-        frames, _ = render_frames(model, avatar, clip["audio"], steps=10, cache=cache, guidance=guidance)
+            decoder = decoders.setdefault(g[2], load_decoder(g[2], model)) if len(g) > 2 else None
+        frames, _ = render_frames(model, avatar, clip["audio"], steps=10, cache=cache, guidance=guidance,
+                                  decoder=decoder)
         i = np.arange(len(frames))
         frames = frames[i - i % every]  # chunks start at multiples of 4 frames, which every divides
         lip = evaluate_arrays(frames, clip["audio"], clip["openness"][:len(frames)])

@@ -16,6 +16,9 @@ class AEConfig:
     image_size: int = 128
     latent_channels: int = 16
     widths: tuple = (16, 32, 64, 128, 128)  # at 128, 64, 32, 16, 8 px
+    # the decoder's own widths at the same scales (None: `widths`); the reference features it fuses keep the
+    # encoders' widths. Narrower is a cheaper decoder for slow CPUs (a second decoder file: [[live.levels]] decoder)
+    decoder_widths: tuple | None = None
     flow: bool = False  # decoder warps the reference by a predicted flow (RefDecoder)
     fine: int = 0  # width of the decoder's 128-px refinement stage (0: none; needs flow)
     # rows r0:r1, columns c0:c1 the refinement stage covers (None: the whole frame). An aligned portrait
@@ -149,19 +152,21 @@ class RefDecoder(nn.Module):
 
     def __init__(self, cfg: AEConfig):
         super().__init__()
-        w = cfg.widths
+        w, d = cfg.widths, cfg.decoder_widths or cfg.widths  # reference features' widths, the decoder's own
+        if len(d) != len(w):
+            raise ValueError(f"decoder_widths {d}: one width per scale of widths {w}")
         self.use_flow = cfg.flow
-        self.inp = nn.Conv2d(cfg.latent_channels + w[-1], w[-1], 3, padding=1)
-        self.mid = ResBlock(w[-1], w[-1])
-        # up i: from the scale of w[i+1] to the scale of w[i] (16, 32, 64 px), fused with reference features
-        self.up = nn.ModuleList(ResBlock(w[i + 1] + w[i], w[i]) for i in reversed(range(1, len(w) - 1)))
-        self.head = nn.Conv2d(w[1], 3 * 4, 3, padding=1)  # RGB delta x 2x2 sub-pixels
+        self.inp = nn.Conv2d(cfg.latent_channels + w[-1], d[-1], 3, padding=1)
+        self.mid = ResBlock(d[-1], d[-1])
+        # up i: from the scale of d[i+1] to the scale of d[i] (16, 32, 64 px), fused with reference features
+        self.up = nn.ModuleList(ResBlock(d[i + 1] + w[i], d[i]) for i in reversed(range(1, len(w) - 1)))
+        self.head = nn.Conv2d(d[1], 3 * 4, 3, padding=1)  # RGB delta x 2x2 sub-pixels
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         if self.use_flow:
             # flow refinements at 8 px (before the first fusion) and after each up block (16, 32, 64 px)
-            self.flow = nn.ModuleList(nn.Conv2d(c, 2, 3, padding=1) for c in [w[-1]] + [w[i] for i in
-                                                                                     reversed(range(1, len(w) - 1))])
+            self.flow = nn.ModuleList(nn.Conv2d(c, 2, 3, padding=1) for c in [d[-1]] + [d[i] for i in
+                                                                                     reversed(range(1, len(d) - 1))])
             for conv in self.flow:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
@@ -169,7 +174,7 @@ class RefDecoder(nn.Module):
         if cfg.fine:
             # at 128 px: the upsampled features, the warped finest reference features and reference image,
             # and the coarse delta -> a flow correction and a delta correction (zero at init)
-            self.fine = ResBlock(w[1] + w[0] + 3 + 3, cfg.fine)
+            self.fine = ResBlock(d[1] + w[0] + 3 + 3, cfg.fine)
             self.fine_out = nn.Conv2d(cfg.fine, 2 + 3, 3, padding=1)
             nn.init.zeros_(self.fine_out.weight)
             nn.init.zeros_(self.fine_out.bias)

@@ -3,6 +3,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
@@ -43,6 +44,47 @@ def save_model(model: AvatarModel, path, half=True, extra_meta=None):
     meta = model.metadata()
     meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
     save_file(sd, str(path), metadata=meta)
+
+
+DECODER_KEYS = ("ref_encoder.", "decoder.", "latent_mean", "latent_std")  # a decoder file: the AE's decoding side
+
+
+def save_decoder(ae: FrameAutoencoder, path, extra_meta=None):
+    """Write only the decoding side of an autoencoder (reference encoder, decoder, latent statistics), fp16, with its
+    AEConfig: a second decoder for the same latents (e.g. a cheaper one, AEConfig.decoder_widths)."""
+    sd = {k: v.detach().half().contiguous() if v.is_floating_point() else v.detach().contiguous()
+          for k, v in ae.state_dict().items() if k.startswith(DECODER_KEYS)}
+    meta = {"ae": json.dumps(asdict(ae.cfg))}
+    meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
+    save_file(sd, str(path), metadata=meta)
+
+
+def load_decoder(path, model: AvatarModel) -> FrameAutoencoder:
+    """A decoder file (save_decoder) for model's latents, as a FrameAutoencoder that shares model's encoder:
+    its `reference` and `decode` draw frames from the same latents as model.ae."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"decoder weights not found: {path}")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "ae" not in meta:
+        raise ValueError(f"{path} is not a decoder file (no AEConfig in its metadata)")
+    cfg = AEConfig(**_tuples(json.loads(meta["ae"])))
+    own = model.ae.cfg
+    if (cfg.image_size, cfg.latent_channels, cfg.widths) != (own.image_size, own.latent_channels, own.widths):
+        raise ValueError(f"{path} decodes other latents: image {cfg.image_size}, {cfg.latent_channels} channels, "
+                         f"widths {cfg.widths}; the model's are {own.image_size}, {own.latent_channels}, {own.widths}")
+    ae = FrameAutoencoder(cfg)
+    ae.encoder = model.ae.encoder
+    sd = {k: v.float() for k, v in load_file(str(path)).items()}
+    missing, unexpected = ae.load_state_dict(sd, strict=False)
+    if unexpected or any(not k.startswith("encoder.") for k in missing):
+        raise ValueError(f"{path} does not fit its AEConfig: missing {missing}, unexpected {unexpected}")
+    if not (torch.allclose(ae.latent_mean, model.ae.latent_mean, atol=1e-2) and
+            torch.allclose(ae.latent_std, model.ae.latent_std, atol=1e-2)):
+        raise ValueError(f"{path} was trained on other latents (its latent statistics differ from the model's)")
+    return ae.eval()
 
 
 def load_model(path=DEFAULT_WEIGHTS) -> AvatarModel:
