@@ -347,20 +347,25 @@ class GenerationWorker:
     def _learn(self, info: dict) -> None:
         """Running means of the measured times of a finished batch (alone: its latency as gen_ms); decoding
         as what decoding every frame with the model's decoder would have taken (decode_est_ms scales it back
-        per level)."""
+        per level), or at a level with a decoder of its own, what that decoder costs against it (decode_scale)."""
         lvl, n, dit, dec = info["level"], info.get("batch", 1), info["dit_ms"], info["decode_ms"]
-        scale = self.decode_scale[lvl]
-        first_ms = info["first_ms"] / scale
-        if n <= len(self.first_ms):
-            self.first_ms[n - 1] = 0.8 * self.first_ms[n - 1] + 0.2 * first_ms
+        own = bool(self.config.live.levels[lvl].decoder)
         if n == 1:
             prev = self.gen_ms[lvl]
             self.gen_ms[lvl] = dit + dec if prev is None else 0.8 * prev + 0.2 * (dit + dec)
         if n <= len(self.dit_ms[lvl]):
             self.dit_ms[lvl][n - 1] = 0.8 * self.dit_ms[lvl][n - 1] + 0.2 * dit
         share = self._rest_share(lvl)
-        if n <= len(self.decode_ms) and share > 0:  # a level that decodes only first frames says nothing of the rest
-            every = every_frame_ms(dec / scale, first_ms, share)
+        if n > len(self.decode_ms):
+            return
+        if own:  # its decode as every frame would take, against the model's decoder's estimate for the batch
+            every = every_frame_ms(dec, info["first_ms"], share) if share > 0 else info["first_ms"]
+            base = self.decode_ms[n - 1] if share > 0 else self.first_ms[n - 1]
+            self.decode_scale[lvl] = 0.8 * self.decode_scale[lvl] + 0.2 * every / base
+            return
+        self.first_ms[n - 1] = 0.8 * self.first_ms[n - 1] + 0.2 * info["first_ms"]
+        if share > 0:  # a level that decodes only first frames says nothing of the rest
+            every = every_frame_ms(dec, info["first_ms"], share)
             self.decode_ms[n - 1] = 0.8 * self.decode_ms[n - 1] + 0.2 * every
 
     def close(self):

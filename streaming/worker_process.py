@@ -372,6 +372,9 @@ def main(config: Config, inq, outq):
         # policy's first predictions use these instead of guesses
         silence = np.zeros((w.cfg.audio_frames + 2) * SAMPLES_PER_FRAME, np.float32)
         w.chunk("warmup", config.engine.avatar, silence, 0, None)
+        for level, decoder in enumerate(w.decoders):  # a level's own decoder: its first calls, its portrait features
+            if decoder is not None:
+                w.chunk("warmup", config.engine.avatar, silence, level, None)
         if config.live.precision == "auto":
             _pick_precision(w, silence)
         audio = _pick_audio_backend(w, silence)

@@ -42,7 +42,8 @@ def _worker(dit_ms, decode_ms=(0.0,), first_ms=(0.0,), pipelined=False, decode_e
     w._decoding = {}
     w.decode_scale = list(decode_scale or [1.0] * len(dit_ms))
     w.cfg = type("DiTConfig", (), {"frames": 4})()
-    levels = [LevelConfig(decode_every=k) for k in (decode_every or [1] * len(dit_ms))]
+    levels = [LevelConfig(decode_every=k, decoder="" if x == 1.0 else "lite.safetensors")
+              for k, x in zip(decode_every or [1] * len(dit_ms), w.decode_scale)]
     w.config = type("Config", (), {"live": type("Live", (), {"batch_wait_ms": 30, "levels": levels})()})()
     import threading
     w._lock = threading.Lock()
@@ -378,7 +379,8 @@ def test_a_level_that_decodes_every_other_frame_costs_half_the_rest():
 
 def test_a_level_with_a_cheaper_decoder_predicts_and_learns_by_its_cost():
     """[[live.levels]] decoder: a level whose decoder costs half (decode_scale 0.5, measured at start-up)
-    predicts half the decoding and first frames; what it measures is learned as the model's decoder's cost."""
+    predicts half the decoding and first frames; what it measures there moves its scale, not the model's
+    decoder's estimates (a start-up measurement that got the scale wrong is corrected live)."""
     w = _worker([[76.0], [76.0]], decode_ms=[145.0], first_ms=[40.0], pipelined=True, decode_scale=[1.0, 0.5])
     assert w.decode_est_ms(0, 1) == pytest.approx(145.0) and w.decode_est_ms(1, 1) == pytest.approx(72.5)
     assert w.first_est_ms(1, 1) == pytest.approx(20.0)
@@ -387,9 +389,11 @@ def test_a_level_with_a_cheaper_decoder_predicts_and_learns_by_its_cost():
     w.chunk_ms = lambda: 140.0
     assert [w.keeps_up(lvl) for lvl in (0, 1)] == [False, True]
     w.gen_ms = [221.0, 148.0]
-    w._learn({"level": 1, "batch": 1, "dit_ms": 76.0, "decode_ms": 90.0, "first_ms": 24.0})
-    assert w.first_ms[0] == pytest.approx(0.8 * 40 + 0.2 * 48)  # as the model's decoder would have taken
-    assert w.decode_ms[0] == pytest.approx(0.8 * 145 + 0.2 * 180)
+    w._learn({"level": 1, "batch": 1, "dit_ms": 76.0, "decode_ms": 101.5, "first_ms": 24.0})
+    assert w.decode_scale[1] == pytest.approx(0.8 * 0.5 + 0.2 * 0.7)  # 101.5 of the model's 145
+    assert (w.first_ms, w.decode_ms) == ([40.0], [145.0])
+    w._learn({"level": 0, "batch": 1, "dit_ms": 76.0, "decode_ms": 150.0, "first_ms": 45.0})
+    assert w.first_ms[0] == pytest.approx(0.8 * 40 + 0.2 * 45) and w.decode_ms[0] == pytest.approx(0.8 * 145 + 0.2 * 150)
 
 
 def test_a_level_with_its_own_decoder_draws_its_frames_with_it(speech_wav, tmp_path):
