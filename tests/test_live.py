@@ -349,20 +349,22 @@ def test_ice_servers_from_config():
 
 
 def test_live_levels_from_config(tmp_path):
-    """The shipped ladder: each level up is cheaper (more reuse, then no guidance, then fewer frames
-    decoded); telemetry names each level by its plan; [[live.levels]] tables are checked; the old
-    single-plan keys say where they went."""
+    """The shipped ladder: each level up is cheaper (more reuse, then no guidance, then a cheaper decoder
+    or fewer frames decoded); telemetry names each level by its plan; [[live.levels]] tables are checked;
+    the old single-plan keys say where they went."""
     from engine.config import ConfigError, LevelConfig, LiveConfig
     from synccache import Schedule
     levels = load_config().live.levels
     assert LiveConfig().levels == levels  # the dataclass's default is the ladder configs/default.toml ships
     reused = [sum(map(sum, Schedule.load(load_config().path(lvl.schedule)).reuse)) for lvl in levels]
     guidance = [3.0 if lvl.guidance is None else lvl.guidance for lvl in levels]
-    cost = list(zip(reused, [-g for g in guidance], [lvl.decode_every for lvl in levels]))
+    cost = list(zip(reused, [-g for g in guidance], [bool(lvl.decoder) for lvl in levels],
+                    [lvl.decode_every for lvl in levels]))
     assert len(levels) >= 3 and cost == sorted(set(cost)), cost  # strictly cheaper at every step up
     assert [lvl.name() for lvl in levels][:2] == ["synccache (ref-XS-10-gentle)",
                                                   "synccache (ref-XS-10-boost), guidance 1"]
-    assert LevelConfig("none").name() == "none" and levels[-1].name().endswith(", 1 frame in 2 decoded")
+    assert LevelConfig("none").name() == "none" and levels[-1].name().endswith(", decoder decoder-lite")
+    assert all(load_config().path(lvl.decoder).exists() for lvl in levels if lvl.decoder)
     cfg = tmp_path / "live.toml"
     cfg.write_text('[live]\nsteps = 10\n[[live.levels]]\nschedule = "configs/synccache/ref-XS-10.json"\n'
                    '[[live.levels]]\ncache = "none"\nguidance = 1\n')
