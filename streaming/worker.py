@@ -361,7 +361,8 @@ class GenerationWorker:
         if own:  # its decode as every frame would take, against the model's decoder's estimate for the batch
             every = every_frame_ms(dec, info["first_ms"], share) if share > 0 else info["first_ms"]
             base = self.decode_ms[n - 1] if share > 0 else self.first_ms[n - 1]
-            self.decode_scale[lvl] = 0.8 * self.decode_scale[lvl] + 0.2 * every / base
+            if base > 0:
+                self.decode_scale[lvl] = 0.8 * self.decode_scale[lvl] + 0.2 * every / base
             return
         self.first_ms[n - 1] = 0.8 * self.first_ms[n - 1] + 0.2 * info["first_ms"]
         if share > 0:  # a level that decodes only first frames says nothing of the rest
