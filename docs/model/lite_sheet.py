@@ -30,13 +30,7 @@ def main(path, corpus, n, out, per_clip=6):
         true = clip["frames"][pick]
         for frames in (true, ae_roundtrip(model, true, clip["ref"]), ae_roundtrip(model, true, clip["ref"], decoder=lite)):
             rows.append(np.concatenate(list(frames), 1))
-    img = np.concatenate(rows, 0)
-    fig = plt.figure(figsize=(img.shape[1] / 100, img.shape[0] / 100), dpi=100)
-    ax = fig.add_axes([0, 0, 1, 1])
-    ax.imshow(img)
-    ax.axis("off")
-    fig.savefig(out)
-    plt.close(fig)
+    plt.imsave(out, np.concatenate(rows, 0))  # pixel for pixel
     print(out)
 
 
