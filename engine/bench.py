@@ -30,12 +30,7 @@ import numpy as np
 import torch
 
 from engine.audio import FPS, SAMPLE_RATE
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of uint8 frame stacks (over all pixels); 100 when identical."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 100.0 if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+from engine.picture import psnr
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

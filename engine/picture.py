@@ -271,9 +271,10 @@ def fit_frame(frame_u8, idn, init=None):
 
 
 def psnr(a, b) -> float:
-    """PSNR in dB between two equal arrays of uint8 pixel values."""
+    """PSNR in dB between two equal arrays of uint8 pixel values (frame stacks: over all pixels); 100 when
+    identical."""
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+    return 100.0 if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
 def _frame_psnr(frame_u8, idn, init=None):

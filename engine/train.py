@@ -69,6 +69,16 @@ class Checkpointer:
             w.writerows(rows)
 
 
+def plot_losses(run_dir):
+    """Every stage's loss curve (RUN/<stage>_loss.csv) in one picture, RUN/loss.png -> its path (None: no log yet)."""
+    from engine.report import loss_plot
+    curves = {p.name[:-len("_loss.csv")]: p for p in sorted(Path(run_dir).glob("*_loss.csv"))}
+    if not curves:
+        return None
+    loss_plot(curves, Path(run_dir) / "loss.png")
+    return Path(run_dir) / "loss.png"
+
+
 def _model(preset="ref-XS"):
     return AvatarModel(PRESETS[preset])
 

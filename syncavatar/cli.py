@@ -129,6 +129,9 @@ def cmd_train(a):
                                 widths=tuple(int(v) for v in a.decoder_widths.split(",")) if a.decoder_widths else None, batch=a.decoder_batch)
         elif stage == "export":
             train.export(a.out, Path(a.out) / "avatar.safetensors", preset=a.preset)
+    plot = train.plot_losses(a.out)
+    if plot:
+        print(f"loss curves: {plot}")
 
 
 # ----------------------------------------------------------------------------------------- render

@@ -35,6 +35,8 @@ def test_train_stages_resume_and_export(tmp_path):
     dec = train.train_decoder(corpus, run3, run / "avatar.safetensors", steps=2, batch=3, fine=8,
                               fine_window=(24, 96, 28, 100), portrait_share=0.9, blink_share=0.5)
     assert [int(r["step"]) for r in csv.DictReader(open(run3 / "decoder_loss.csv"))] == [1, 2]
+    assert train.plot_losses(tmp_path / "empty") is None
+    assert train.plot_losses(run3) == run3 / "loss.png" and (run3 / "loss.png").stat().st_size > 1000
     shipped = load_model(run3 / "avatar.safetensors")
     assert shipped.ae.cfg.fine == 8 and tuple(shipped.ae.cfg.fine_window) == (24, 96, 28, 100)
     for (k, a), b in zip(model.dit.state_dict().items(), shipped.dit.state_dict().values()):
