@@ -17,14 +17,18 @@ METHODS = ("none", "synccache", "synccache-stream", "fora", "teacache", "fbcache
 INTERVAL_METHODS = ("fora", "deepcache")
 
 
-def cache_config(method: str, steps: int, threshold=None, schedule=None, calibration=None, stream_schedule=None):
+def cache_config(method: str, steps: int, threshold=None, schedule=None, calibration=None, stream_schedule=None,
+                 share_guidance=False):
     """-> None (uncached), a SyncCacheConfig or a BaselineConfig; ValueError with one clear line.
 
     threshold: synccache (probe mode instead of the schedule), teacache, fbcache, magcache: the reuse
-    threshold; fora and deepcache: the interval N (an integer).
+    threshold; fora and deepcache: the interval N (an integer). share_guidance (synccache methods): a guided
+    step runs the heavy blocks once for both halves of its batch (SyncCacheConfig.share_guidance).
     """
     if method not in METHODS:
         raise ValueError(f"unknown cache method {method!r}; expected one of {', '.join(METHODS)}")
+    if share_guidance and method not in ("synccache", "synccache-stream"):
+        raise ValueError(f"share_guidance is SyncCache's (synccache, synccache-stream), not {method}'s")
     if method == "none":
         if threshold is not None:
             raise ValueError("a cache threshold needs a cache method (--cache ...)")
@@ -35,7 +39,7 @@ def cache_config(method: str, steps: int, threshold=None, schedule=None, calibra
         if threshold is not None:
             if stream:
                 raise ValueError("synccache-stream follows its schedule; it takes no threshold")
-            return SyncCacheConfig(threshold=float(threshold))
+            return SyncCacheConfig(threshold=float(threshold), share_guidance=share_guidance)
         if stream:
             path = Path(stream_schedule) if stream_schedule else DEFAULT_STREAM_SCHEDULE
         else:
@@ -46,7 +50,7 @@ def cache_config(method: str, steps: int, threshold=None, schedule=None, calibra
         if sched.steps != steps:
             raise ValueError(f"SyncCache schedule {path} was solved for {sched.steps} steps, not {steps}: "
                              f"run `syncavatar calibrate --steps {steps} --out FILE` and pass it")
-        return SyncCacheConfig(schedule=sched, stream=stream)
+        return SyncCacheConfig(schedule=sched, stream=stream, share_guidance=share_guidance)
     from synccache.baselines import BaselineConfig
     kw = {"steps": steps}
     if method in INTERVAL_METHODS:

@@ -53,12 +53,16 @@ class LevelConfig:
     # a second decoder for the model's latents that draws this level's frames ("": the model's own), e.g. the
     # lite decoder (engine/weights/decoder-lite.safetensors: 0.62x the cost, a softer picture)
     decoder: str = ""
+    # guided chunks run SyncCache's heavy blocks once for the pair [with audio; null audio], the audio blocks on
+    # both (SyncCacheConfig.share_guidance): guidance at little more than the cost of none
+    share_guidance: bool = False
 
     def name(self) -> str:
         """The level in telemetry: the method, its plan, the guidance where it differs, the frames decoded and
         the decoder where it is not the model's own."""
         name = f"{self.cache} ({Path(self.schedule).stem})" if self.schedule else self.cache
         name = name if self.guidance is None else f"{name}, guidance {self.guidance:g}"
+        name = f"{name}, shared guidance" if self.share_guidance and self.guidance != 1.0 else name
         name = name if self.decode_every == 1 else f"{name}, 1 frame in {self.decode_every} decoded"
         return f"{name}, decoder {Path(self.decoder).stem}" if self.decoder else name
 
@@ -68,11 +72,13 @@ class LiveConfig:
     """The live session pipeline (streaming/session.py)."""
     steps: int = 10  # Euler steps per live chunk (uncached dev sync_conf: 0.792 at 10 steps, 0.799 at 20)
     # the backpressure ladder, gentlest first ([[live.levels]] tables): level 0 while chunks are on time,
-    # each level up cheaper (more reuse, then no guidance); above the last, whole chunks go idle
+    # each level up cheaper (more reuse, then a cheaper decoder); above the last, whole chunks go idle
     levels: list = field(default_factory=lambda: [  # as configs/default.toml ships them
-        LevelConfig("synccache", "configs/synccache/ref-XS-10-gentle.json"),
-        LevelConfig("synccache", "configs/synccache/ref-XS-10-boost.json", 1.0),
-        LevelConfig("synccache", "configs/synccache/ref-XS-10-max.json", 1.0),
+        LevelConfig("synccache", "configs/synccache/ref-XS-10-gentle.json", share_guidance=True),
+        LevelConfig("synccache", "configs/synccache/ref-XS-10-boost.json", share_guidance=True),
+        LevelConfig("synccache", "configs/synccache/ref-XS-10-max.json", share_guidance=True),
+        LevelConfig("synccache", "configs/synccache/ref-XS-10-max.json", share_guidance=True,
+                    decoder="engine/weights/decoder-lite.safetensors"),
         LevelConfig("synccache", "configs/synccache/ref-XS-10-max.json", 1.0,
                     decoder="engine/weights/decoder-lite.safetensors")])
     precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto": the faster, timed at worker start-up
@@ -212,8 +218,8 @@ def _levels(items: list) -> list:
             levels.append(item)
             continue
         if not isinstance(item, dict):
-            raise ConfigError(f"[live] levels[{i}] must be a table (cache, schedule, guidance, decode_every, decoder), "
-                          f"got {item!r}")
+            raise ConfigError(f"[live] levels[{i}] must be a table (cache, schedule, guidance, decode_every, decoder, "
+                              f"share_guidance), got {item!r}")
         g = item.get("guidance")
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 1.0):
             raise ConfigError(f"[live] levels[{i}] guidance must be a number >= 1.0, got {g!r}")
@@ -222,4 +228,6 @@ def _levels(items: list) -> list:
         k = levels[-1].decode_every
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"[live] levels[{i}] decode_every must be a whole number >= 1, got {k!r}")
+        if levels[-1].share_guidance and levels[-1].cache not in ("synccache", "synccache-stream"):
+            raise ConfigError(f"[live] levels[{i}] share_guidance is SyncCache's; cache = {levels[-1].cache!r}")
     return levels

@@ -61,7 +61,7 @@ class _Worker:
         self.model = load_model(config.path(m.weights))
         self.cfg = self.model.cfg
         self.offset = self.cfg.lookback + MARGIN_FRAMES  # chunk start inside a job's window, in frames
-        self.levels = [self._cache(lvl.cache, lvl.schedule) for lvl in live.levels]  # cache config per level
+        self.levels = [self._cache(lvl.cache, lvl.schedule, lvl.share_guidance) for lvl in live.levels]  # per level
         self.guidance = [m.guidance if lvl.guidance is None else lvl.guidance for lvl in live.levels]
         self.decode_every = [lvl.decode_every for lvl in live.levels]
         loaded = {}  # each decoder file once; None: the model's own decoder
@@ -85,11 +85,12 @@ class _Worker:
             return self.torch.autocast("cpu", dtype=self.torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _cache(self, method, schedule):
+    def _cache(self, method, schedule, share_guidance=False):
         from engine.caching import cache_config
         path = self.config.path(schedule) if schedule else None
         return cache_config(method, self.config.live.steps, schedule=path, stream_schedule=path,
-                            calibration=self.config.path(self.config.cache.calibration))
+                            calibration=self.config.path(self.config.cache.calibration),
+                            share_guidance=share_guidance)
 
     def generator(self, session, avatar):
         from engine.generator import ChunkGenerator, load_avatar

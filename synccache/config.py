@@ -27,6 +27,12 @@ class SyncCacheConfig:
       1 = first-order forecast: that residual plus its per-step change between the span's last two
       computed steps, times the steps since (as TaylorSeer forecasts features; twice the memory).
       None = the schedule's own setting (its meta "forecast"), else 0.
+    share_guidance: on calls the layout marks as a classifier-free guidance pair (BlockLayout.guidance_pair:
+      one batch [B with audio; B without], same latents and timestep), every heavy block that runs runs on
+      the first half only and both halves get its residual; the audio blocks run on both halves as ever.
+      Before the first audio block the halves are equal, so that part is exact; after it the audio-free half
+      borrows the heavy residuals of the half with audio, and guidance pushes along what the audio blocks
+      add (beyond the paper; measured for lip sync in the README). Halves the heavy work of a guided step.
     """
     enabled: bool = True
     threshold: float = 0.15
@@ -39,6 +45,7 @@ class SyncCacheConfig:
     stream: bool = False
     stream_refresh: int = 4
     forecast: Optional[int] = None
+    share_guidance: bool = False
 
     def __post_init__(self):
         if isinstance(self.schedule, (str, Path)):

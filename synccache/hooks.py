@@ -20,6 +20,10 @@ How it attaches: each heavy block gets an instance-level `forward` wrapper (the 
 it is), the model gets a forward pre-hook and an always-called forward hook that bracket the step, and
 each audio block a pre-hook that only counts calls. `remove()` deletes all of that.
 
+Classifier-free guidance run as one batch [with audio; without] (the reference DiT): with
+config.share_guidance, on calls the layout marks as such a pair, every heavy block that runs runs on the
+first half and adds its residual to both halves (the audio blocks still see both); see SyncCacheConfig.
+
 Classifier-free guidance run as separate passes (diffsynth's Wan pipelines call the DiT once with the
 audio and once without per step): each pass is a *branch* with a cache state of its own, so the two
 trajectories never trade residuals and each follows the schedule step by step. The branch of a call is
@@ -80,7 +84,7 @@ class _Stats:
     """Counters and traces reported by stats(); kept across reset(keep_stats=True)."""
 
     def __init__(self, n_spans):
-        self.steps = self.reuse_steps = self.audio_calls = self.peak_bytes = 0
+        self.steps = self.reuse_steps = self.audio_calls = self.peak_bytes = self.shared_steps = 0
         self.computed, self.reused, self.crossed = [0] * n_spans, [0] * n_spans, [0] * n_spans
         self.probe_error, self.accumulated, self.decisions = [], [], []
 
@@ -101,6 +105,7 @@ class SyncCacheHandle:
         self._candidates = self._select_candidates()
         self._wrapped, self._hooks, self._removed = [], [], False
         self._states, self._key, self._forced = {}, None, []  # branch -> _State; current branch
+        self._shared = False  # this step is a guidance pair whose heavy blocks run on the first half
         self._stats = _Stats(len(self.spans))
 
     @property
@@ -165,6 +170,7 @@ class SyncCacheHandle:
         st, cfg = self.state, self.config
         st.step += 1
         st.args, st.kwargs, st.in_step = args, kwargs, True
+        self._shared = bool(cfg.enabled and cfg.share_guidance and self.layout.guidance_pair(args, kwargs))
         st.mode = [COMPUTE] * len(self.spans)
         if cfg.enabled and cfg.schedule is not None:
             st.mode = [REUSE if cfg.schedule.reuses(s, st.step) else COMPUTE for s in range(len(self.spans))]
@@ -181,6 +187,8 @@ class SyncCacheHandle:
         st.args, st.kwargs, st.in_step = (), {}, False
         st.inp = [None] * len(self.spans)
         stats.steps += 1
+        stats.shared_steps += self._shared
+        self._shared = False
         for s, m in enumerate(st.mode):
             if m == REUSE:
                 stats.reused[s] += 1
@@ -221,7 +229,7 @@ class SyncCacheHandle:
             self._resolve_active(x)
         s = self._block_span.get(i)
         if s is None:  # probe or uncacheable block: always runs
-            out = forward(*args, **kwargs)
+            out = self._run(forward, x, args, kwargs)
             if self.probing and i == self.layout.probe:
                 self._decide(out)
             return out
@@ -250,7 +258,7 @@ class SyncCacheHandle:
             return x  # inner block of a bypassed span
         if i == first and cached:
             st.inp[s] = x
-        out = forward(*args, **kwargs)
+        out = self._run(forward, x, args, kwargs)
         if i == last and cached and st.inp[s] is not None:
             if not isinstance(out, torch.Tensor) or out.shape != st.inp[s].shape:
                 raise LayoutError(f"heavy block {i} must return a tensor shaped like its input")
@@ -259,6 +267,21 @@ class SyncCacheHandle:
                 st.bank[(s, st.step)] = (st.res[s], 0)
             st.inp[s] = None
         return out
+
+    def _run(self, forward, x, args, kwargs):
+        """Run a heavy block; on a shared guidance pair on the first half of the batch, its residual added to
+        both halves (every argument batched like x is halved)."""
+        if not self._shared:
+            return forward(*args, **kwargs)
+        b = x.shape[0]
+        if b % 2:
+            raise LayoutError(f"a guidance pair needs an even batch, heavy block got {b}")
+        half = lambda v: v[:b // 2] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v
+        out = forward(*[half(a) for a in args], **{k: half(v) for k, v in kwargs.items()})
+        if not isinstance(out, torch.Tensor) or out.shape != x[:b // 2].shape:
+            raise LayoutError("a heavy block must return a tensor shaped like its input")
+        r = out - x[:b // 2]
+        return x + torch.cat([r, r])
 
     def _count_audio(self, module, args):
         self._stats.audio_calls += 1
@@ -322,6 +345,7 @@ class SyncCacheHandle:
             "probe_error": list(ss.probe_error), "accumulated_error": list(ss.accumulated),
             "cache_bytes": self._held_bytes(), "peak_cache_bytes": ss.peak_bytes,
             "audio_calls": ss.audio_calls, "branches": [str(k) for k in self._states],
+            "shared_steps": ss.shared_steps,
         }
 
     def __enter__(self):
@@ -347,6 +371,8 @@ def apply_synccache(model: nn.Module, config: Optional[SyncCacheConfig], layout:
             raise ScheduleError(f"schedule has {sched.num_spans} spans, the layout has {len(spans)}")
         if sched.spans is not None and [list(p) for p in sched.spans] != spans:
             raise ScheduleError(f"schedule was made for spans {sched.spans}, the layout has {spans}")
+    if config.share_guidance and layout.guidance_pair is None:
+        raise LayoutError("share_guidance needs a layout that marks guidance pairs (BlockLayout.guidance_pair)")
     handle = SyncCacheHandle(model, config, layout)
     handle._attach()
     return handle

@@ -45,6 +45,9 @@ class BlockLayout:
     branch: branch(args, kwargs) -> a hashable key naming the pass a call belongs to, when classifier-free
       guidance runs as separate calls (e.g. "positive" / "negative"); each branch keeps its own cache
       state. None: every call is one branch.
+    guidance_pair: guidance_pair(args, kwargs) -> True when the call's batch is one classifier-free guidance
+      step run as a pair, [B with the condition; the same B without], both halves with the same latents and
+      timestep (what SyncCacheConfig.share_guidance needs). None: no call is.
     weight_prefix: human_weight may cover only the first N tokens of the sequence; the rest get the
       sample's smallest weight (Wan-S2V appends motion tokens whose number its arguments do not show).
       Without it a weight of the wrong length is an error.
@@ -56,6 +59,7 @@ class BlockLayout:
     human_weight: Optional[WeightFn] = None
     output_weight: Optional[WeightFn] = None
     branch: Optional[Callable[[tuple, dict], Hashable]] = None
+    guidance_pair: Optional[Callable[[tuple, dict], bool]] = None
     weight_prefix: bool = False
 
     def __post_init__(self):
@@ -90,7 +94,7 @@ class BlockLayout:
             raise LayoutError(f"probe {self.probe!r} is not a heavy block index 0..{len(self.heavy) - 1}")
         self.probe = int(self.probe)
         for name, gives in (("human_weight", "tensor or None"), ("output_weight", "tensor or None"),
-                            ("branch", "hashable key")):
+                            ("branch", "hashable key"), ("guidance_pair", "bool")):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
                 raise LayoutError(f"{name} must be a function (args, kwargs) -> {gives}, "
@@ -205,6 +209,10 @@ def reference_layout(dit: nn.Module, context_weight: Optional[float] = None) -> 
         cond = args[2] if len(args) > 2 else kwargs.get("cond")
         return getattr(cond, "output_weight", None)
 
+    def guidance_pair(args, kwargs):  # the condition was built with null_audio: [B with audio; B null]
+        cond = args[2] if len(args) > 2 else kwargs.get("cond")
+        return bool(getattr(cond, "guided", False))
+
     return BlockLayout(heavy=list(dit.blocks), audio=list(dit.audio_blocks),
                        audio_after=tuple(dit.cfg.audio_after), probe=0, human_weight=human_weight,
-                       output_weight=output_weight)
+                       output_weight=output_weight, guidance_pair=guidance_pair)

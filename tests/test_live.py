@@ -361,8 +361,9 @@ def test_live_levels_from_config(tmp_path):
     cost = list(zip(reused, [-g for g in guidance], [bool(lvl.decoder) for lvl in levels],
                     [lvl.decode_every for lvl in levels]))
     assert len(levels) >= 3 and cost == sorted(set(cost)), cost  # strictly cheaper at every step up
-    assert [lvl.name() for lvl in levels][:2] == ["synccache (ref-XS-10-gentle)",
-                                                  "synccache (ref-XS-10-boost), guidance 1"]
+    assert [lvl.name() for lvl in levels][:2] == ["synccache (ref-XS-10-gentle), shared guidance",
+                                                  "synccache (ref-XS-10-boost), shared guidance"]
+    assert LevelConfig("synccache", "a.json", 1.0, share_guidance=True).name() == "synccache (a), guidance 1"
     assert LevelConfig("none").name() == "none" and levels[-1].name().endswith(", decoder decoder-lite")
     assert all(load_config().path(lvl.decoder).exists() for lvl in levels if lvl.decoder)
     cfg = tmp_path / "live.toml"
@@ -375,7 +376,9 @@ def test_live_levels_from_config(tmp_path):
                         ("[live]\nlevels = [3]\n", "must be a table"),
                         ("[[live.levels]]\nschedul = 'x.json'\n", "unknown key \\[live.levels\\[0\\]\\] schedul"),
                         ("[[live.levels]]\nguidance = 0.5\n", "guidance must be a number >= 1.0"),
-                        ("[[live.levels]]\ndecode_every = 0\n", "decode_every must be a whole number >= 1")]:
+                        ("[[live.levels]]\ndecode_every = 0\n", "decode_every must be a whole number >= 1"),
+                        ("[[live.levels]]\ncache = 'fora'\nshare_guidance = true\n", "share_guidance is SyncCache's"),
+                        ("[[live.levels]]\nshare_guidance = 1\n", "share_guidance must be bool")]:
         cfg.write_text(text)
         with pytest.raises(ConfigError, match=match):
             load_config(cfg)

@@ -375,3 +375,48 @@ def test_schedule_must_fit_layout(setup):
     dit, cond, noise = setup
     with pytest.raises(ScheduleError, match="3 spans"):
         apply_synccache(dit, SyncCacheConfig(schedule=Schedule(reuse=[[0, 1]] * 3)), reference_layout(dit))
+
+
+def test_share_guidance_runs_heavy_blocks_once_per_guidance_pair(setup):
+    """share_guidance on a guidance pair [with audio; null audio]: each heavy block runs on the first half only
+    and both halves get its residual (done by hand below), the audio blocks see both halves, the null half is
+    not a copy; an unguided call (a batch of two sessions) is untouched."""
+    dit, _, noise = setup
+    cfg, g = dit.cfg, torch.Generator().manual_seed(1)
+    ref = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g)
+    mot = torch.randn(1, cfg.motion_frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g)
+    audio = torch.randn(1, cfg.audio_frames * 2, cfg.audio_dim, generator=g)
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 60:100, 40:90] = 1
+    pair = dit.prepare(ref, mot, audio, mask, mask, null_audio=True)
+    two = dit.prepare(torch.cat([ref, ref]), torch.cat([mot, mot]), torch.cat([audio, -audio]),
+                      torch.cat([mask, mask]), torch.cat([mask, mask]))  # two sessions, no guidance
+    x, t = torch.cat([noise, noise]), timesteps(3)[0].expand(2)
+    with torch.no_grad():
+        h, c = dit.embed(x, t, pair)
+        for idx, blk in enumerate(dit.blocks):
+            r = blk(h[:1], c[:1]) - h[:1]
+            h = h + torch.cat([r, r])
+            if idx in dit.audio_slot:
+                h = dit.audio_step(dit.audio_slot[idx], h, pair)
+        want, plain, plain_two = dit.head(h, c, pair), dit(x, t, pair), dit(x, t, two)
+    layout = reference_layout(dit)
+    sched = Schedule(reuse=[[0, 1, 0] for _ in layout.spans()], spans=[list(p) for p in layout.spans()])
+    seen = []
+    hook = dit.blocks[5].attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    try:
+        with apply_synccache(dit, SyncCacheConfig(schedule=sched, share_guidance=True), layout) as hd:
+            with torch.no_grad():
+                got = dit(x, t, pair)
+                stats = hd.stats()
+                hd.reset()  # step 0 again: computed
+                got_two = dit(x, t, two)
+    finally:
+        hook.remove()
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, plain, atol=1e-4)
+    assert not torch.allclose(got[:1], got[1:], atol=1e-4)  # the audio blocks still tell the halves apart
+    assert seen == [1, 2] and stats["shared_steps"] == 1
+    assert torch.equal(got_two, plain_two)
+    bare = BlockLayout(heavy=layout.heavy, audio=layout.audio, audio_after=layout.audio_after)
+    with pytest.raises(LayoutError, match="guidance_pair"):
+        apply_synccache(dit, SyncCacheConfig(schedule=sched, share_guidance=True), bare)

@@ -459,3 +459,27 @@ def test_a_level_decoding_every_other_frame_shows_each_twice(speech_wav):
     cfg.live.levels[1].decode_every = 3
     with pytest.raises(ValueError, match="decode_every = 3 must divide"):
         _Worker(cfg)
+
+
+def test_a_level_with_shared_guidance_runs_its_guided_steps_shared(speech_wav):
+    """[[live.levels]] share_guidance = true: every step of a guided chunk at that level runs its heavy blocks
+    once for the pair (SyncCache's stats), and its latents differ from the same plan unshared; at a level
+    without guidance nothing is shared."""
+    from engine.config import LevelConfig, load_config
+    from engine.media import load_audio
+    from streaming.worker_process import _Worker
+    cfg = load_config()
+    plan = cfg.live.levels[1]
+    cfg.live.levels = [LevelConfig(plan.cache, plan.schedule, 3.0, share_guidance=True),
+                       LevelConfig(plan.cache, plan.schedule, 3.0),
+                       LevelConfig(plan.cache, plan.schedule, 1.0, share_guidance=True)]
+    assert [lvl.name().endswith(", shared guidance") for lvl in cfg.live.levels] == [True, False, False]
+    w = _Worker(cfg)
+    window = load_audio(speech_wav)[:(w.cfg.audio_frames + 2) * 640]
+    z, shared = [], []
+    for level in range(3):
+        d = w.denoise([ChunkRequest(level, f"s{level}", "0", window, level, None)])[0]
+        z.append(d.z)
+        shared.append(w.handle.stats()["shared_steps"])
+    assert shared == [cfg.live.steps, 0, 0]
+    assert not torch.allclose(z[0], z[1], atol=1e-3)

@@ -4,8 +4,9 @@ test clips) at the live engine's 10 steps, scored by lip sync and the picture.
     .venv/bin/python docs/live/live_schedule_check.py data/dev 8 docs/live/live_schedule_check.json \
         configs/synccache/ref-XS-10.json:1 configs/synccache/ref-XS-10.json:0 OLD.json:0
 
-Each candidate is SCHEDULE:forecast[:guidance[:decode_every[:decoder]]] (guidance: the model's 3.0 unless given; 1.0 =
-off, half the DiT batch; decode_every k: frames 0, k, 2k, ... of each chunk shown k times each, as a
+Each candidate is SCHEDULE:forecast[:guidance[:decode_every[:decoder]]][+share] (guidance: the model's 3.0 unless given;
+1.0 = off, half the DiT batch; +share: the heavy blocks run once for both halves of a guided step, as a
+[[live.levels]] table with share_guidance = true; decode_every k: frames 0, k, 2k, ... of each chunk shown k times each, as a
 [[live.levels]] table with decode_every = k shows them; decoder: a second decoder's file, e.g.
 engine/weights/decoder-lite.safetensors, as the table's `decoder`). Frames decode in fp32 (the worker's bf16
 changes frames by 59-64 dB PSNR); no timing here (reuse counts set the speed).
@@ -34,11 +35,11 @@ for clip in load_clips(corpus, n):
     for c in rows:
         cache, guidance, every, decoder = None, 3.0, 1, None
         if c != "uncached":
-            path, fc, *g = c.split(":")
-            cache = SyncCacheConfig(schedule=Schedule.load(path), forecast=int(fc))
+            path, fc, *g = c.removesuffix("+share").split(":")
+            cache = SyncCacheConfig(schedule=Schedule.load(path), forecast=int(fc), share_guidance=c.endswith("+share"))
             guidance = float(g[0]) if g else guidance
             every = int(g[1]) if len(g) > 1 else every
-            decoder = decoders.setdefault(g[2], load_decoder(g[2], model)) if len(g) > 2 else None
+            decoder = decoders.setdefault(g[2], load_decoder(g[2], model)) if len(g) > 2 and g[2] else None
         frames, _ = render_frames(model, avatar, clip["audio"], steps=10, cache=cache, guidance=guidance,
                                   decoder=decoder)
         i = np.arange(len(frames))

@@ -204,6 +204,7 @@ class ChunkCondition:
     # [B, 1, 1, h, w] weight on the output's latent grid emphasising the face and most of all the mouth
     # (AvatarDiT.output_weight; SyncCache's calibration weighs reuse errors by it); None: uniform
     output_weight: torch.Tensor = None
+    guided: bool = False  # the batch is [B with audio; B null audio] (prepare(null_audio=True)), for guidance
     extras: dict = field(default_factory=dict)
 
 
@@ -315,7 +316,8 @@ class AvatarDiT(nn.Module):
         human = self.token_mask(person_mask if person_mask is not None else face_mask)[..., 0]
         return ChunkCondition(context=torch.cat([ref, mot], 1), audio_kv=kv,
                               audio_bias=self.audio_bias(audio_tokens.device), face_mask=fm,
-                              human_weight=0.2 + human, output_weight=self.output_weight(face_mask))
+                              human_weight=0.2 + human, output_weight=self.output_weight(face_mask),
+                              guided=null_audio)
 
     # --- per step -----------------------------------------------------------------------------------
     def embed(self, x, t, cond):
