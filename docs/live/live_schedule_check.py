@@ -9,9 +9,11 @@ Each candidate is SCHEDULE:forecast[:guidance[:decode_every[:decoder]]][+share] 
 [[live.levels]] table with share_guidance = true; decode_every k: frames 0, k, 2k, ... of each chunk shown k times each, as a
 [[live.levels]] table with decode_every = k shows them; decoder: a second decoder's file, e.g.
 engine/weights/decoder-lite.safetensors, as the table's `decoder`). Frames decode in fp32 (the worker's bf16
-changes frames by 59-64 dB PSNR); no timing here (reuse counts set the speed).
+changes frames by 59-64 dB PSNR); no timing here (reuse counts set the speed). STEPS=20 in the environment
+renders at 20 steps instead (candidates' schedules must be solved for that many).
 """
 import json
+import os
 import sys
 
 import numpy as np
@@ -25,6 +27,7 @@ from engine.bench import load_clips
 from synccache import Schedule, SyncCacheConfig
 
 torch.set_num_threads(1)
+STEPS = int(os.environ.get("STEPS", 10))  # the live engine's
 corpus, n, out, cands = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 model = load_model()
 decoders = {}
@@ -40,7 +43,7 @@ for clip in load_clips(corpus, n):
             guidance = float(g[0]) if g else guidance
             every = int(g[1]) if len(g) > 1 else every
             decoder = decoders.setdefault(g[2], load_decoder(g[2], model)) if len(g) > 2 and g[2] else None
-        frames, _ = render_frames(model, avatar, clip["audio"], steps=10, cache=cache, guidance=guidance,
+        frames, _ = render_frames(model, avatar, clip["audio"], steps=STEPS, cache=cache, guidance=guidance,
                                   decoder=decoder)
         i = np.arange(len(frames))
         frames = frames[i - i % every]  # chunks start at multiples of 4 frames, which every divides
