@@ -15,6 +15,7 @@ DEFAULT_STREAM_SCHEDULE = ROOT / "configs" / "synccache" / "ref-XS-stream.json"
 DEFAULT_CALIBRATION = ROOT / "configs" / "synccache" / "peers.json"
 METHODS = ("none", "synccache", "synccache-stream", "fora", "teacache", "fbcache", "magcache", "deepcache")
 INTERVAL_METHODS = ("fora", "deepcache")
+SYNCCACHE_METHODS = ("synccache", "synccache-stream")  # the methods that follow SyncCache's plans
 
 
 def cache_config(method: str, steps: int, threshold=None, schedule=None, calibration=None, stream_schedule=None,
@@ -27,13 +28,13 @@ def cache_config(method: str, steps: int, threshold=None, schedule=None, calibra
     """
     if method not in METHODS:
         raise ValueError(f"unknown cache method {method!r}; expected one of {', '.join(METHODS)}")
-    if share_guidance and method not in ("synccache", "synccache-stream"):
+    if share_guidance and method not in SYNCCACHE_METHODS:
         raise ValueError(f"share_guidance is SyncCache's (synccache, synccache-stream), not {method}'s")
     if method == "none":
         if threshold is not None:
             raise ValueError("a cache threshold needs a cache method (--cache ...)")
         return None
-    if method in ("synccache", "synccache-stream"):
+    if method in SYNCCACHE_METHODS:
         from synccache import Schedule, SyncCacheConfig
         stream = method == "synccache-stream"
         if threshold is not None:

@@ -5,6 +5,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from engine.caching import SYNCCACHE_METHODS
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.toml"
 
@@ -228,6 +230,6 @@ def _levels(items: list) -> list:
         k = levels[-1].decode_every
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"[live] levels[{i}] decode_every must be a whole number >= 1, got {k!r}")
-        if levels[-1].share_guidance and levels[-1].cache not in ("synccache", "synccache-stream"):
+        if levels[-1].share_guidance and levels[-1].cache not in SYNCCACHE_METHODS:
             raise ConfigError(f"[live] levels[{i}] share_guidance is SyncCache's; cache = {levels[-1].cache!r}")
     return levels
