@@ -7,9 +7,12 @@ The embedding API for presenter software; the WebRTC server is built on it:
     async for frame in session.frames():    # 25 fps, paced by the session clock, never stalls
         show(frame.rgb); play(frame.audio)  # frame.audio: the speech of this frame, 16 kHz
 
-One clock: sample n of the input is "captured" at t0 + n / 16000 (t0 = session start; network gaps
-are filled with silence so the input keeps pace), and frame i goes out at t0 + D + i / 25 with the
-input audio of that same frame, so sound and picture cannot drift apart. D is `playout_delay_ms`.
+One clock: sample n of the input is "captured" at t0 + n / 16000 (network gaps are filled with silence
+so the input keeps pace), and frame i goes out at t0 + D + i / 25 with the input audio of that same frame,
+so sound and picture cannot drift apart. D is `playout_delay_ms`. t0 is where the first audio pushed
+begins, when that comes before frame 0 is due (so frame i carries the i-th 40 ms of what was pushed, and a
+recording lines up with the speech sent, whatever the connection set-up took); else the session's start.
+A worker that batches sessions puts t0 on its shared chunk grid (up to one chunk of silence first).
 
 Backpressure: before queueing a speech chunk the policy predicts when it would be ready; if that misses
 the chunk's deadline it raises the level (a cheaper rung of `[[live.levels]]`: more reuse, no
@@ -106,8 +109,9 @@ class Session:
                                live.hangover_ms, self.delay_s)
         self.policy = Backpressure(len(engine.level_names), live.recover_chunks, live.safety_ms / 1000)
         self.clock = clock
-        align = getattr(engine, "aligned_start", None)  # share the worker's chunk grid (batching)
-        self.t0 = align(clock()) if align is not None else clock()
+        self._align = getattr(engine, "aligned_start", None)  # share the worker's chunk grid (batching)
+        self.t0 = clock()  # provisional: _start_clock fixes it at the first audio, or when frame 0 is due
+        self._t0_fixed = False
         self.closed = False
         self._lock = threading.Lock()  # ready frames and chunk records are written by the worker thread
         self.ready: dict[int, np.ndarray] = {}  # frame index -> rgb
@@ -134,6 +138,12 @@ class Session:
         return self.policy.level
 
     # ----------------------------------------------------------------------------------- clock
+    def _start_clock(self, t: float) -> None:
+        """Fix the session's clock zero at t (snapped back onto the worker's chunk grid, if it has one)."""
+        self.t0 = self._align(t) if self._align is not None else t
+        self._t0_fixed = True
+        self._sec["t"] = self.t0
+
     def clock_ms(self, t: float | None = None) -> float:
         return ((self.clock() if t is None else t) - self.t0) * 1000
 
@@ -150,8 +160,11 @@ class Session:
         now = self.clock()
         pcm = np.asarray(pcm)
         n_in = round(len(pcm) * SAMPLE_RATE / sample_rate) if sample_rate else 0
-        # the input must keep pace with the clock: before the first audio (connection set-up) and after a
-        # network gap longer than gap_fill_ms, pad silence so that this push ends "now"
+        if not self._t0_fixed:  # the first audio, before frame 0 went out: the input starts with it
+            self._start_clock(now - n_in / SAMPLE_RATE)
+        # the input must keep pace with the clock: before the first audio (when it came after frame 0, or
+        # the chunk grid put t0 earlier) and after a network gap longer than gap_fill_ms, pad silence so
+        # that this push ends "now"
         lag = (now - self.t0) * SAMPLE_RATE - (self.audio.end + n_in)
         if lag > 0 and (self.counts["pushes"] == 0 or lag > self.live.gap_fill_ms / 1000 * SAMPLE_RATE):
             self.audio.pad_silence(int(lag))
@@ -268,10 +281,11 @@ class Session:
         try:
             while not self.closed:
                 i = self.play_index
-                target = self.t0 + self.delay_s + i * FRAME_S
-                wait = target - self.clock()
-                if wait > 0:
+                # t0 may move while frame 0 waits (the first audio arrives): wait for the frame's time again
+                while (wait := self.t0 + self.delay_s + i * FRAME_S - self.clock()) > 0 and not self.closed:
                     await asyncio.sleep(wait)
+                if not self._t0_fixed:  # no audio before frame 0 was due: the session's start stays zero
+                    self._start_clock(self.t0)
                 frame = self._next_frame(i)
                 yield frame
         finally:

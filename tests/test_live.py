@@ -136,15 +136,19 @@ class FakeEngine:
         return self._idle[avatar]
 
 
-async def _run_session(engine, audio, seconds):
+async def _run_session(engine, audio, seconds, first_audio_s=0.0):
+    """A session fed `audio` in real time from first_audio_s after it was created (connection set-up) until
+    frame `seconds` went out -> (session, frames, telemetry messages)."""
     msgs = []
     tele = Telemetry(None)
     tele.listeners.append(lambda s, m: msgs.append(m))
     s = Session(engine, "0", telemetry=tele)
 
     async def feed():
+        await asyncio.sleep(first_audio_s)
+        start = time.monotonic()
         for k in range(0, len(audio), 320):
-            await asyncio.sleep(max(0, s.t0 + k / 16000 - time.monotonic()))
+            await asyncio.sleep(max(0, start + k / 16000 - time.monotonic()))
             s.push_audio(audio[k:k + 320], 16000)
 
     task = asyncio.ensure_future(feed())
@@ -164,6 +168,41 @@ def _loud_audio(seconds):
     tone = sum(np.sin(2 * np.pi * f * t) / (i + 1) for i, f in enumerate([150, 300, 450, 600, 900]))
     gate = (np.sin(2 * np.pi * 3 * t) > -0.3).astype(np.float32)
     return (0.2 * tone * gate).astype(np.float32)
+
+
+def test_session_clock_starts_with_the_first_audio_so_frames_line_up_with_the_speech_sent():
+    """The mic's first audio comes 120 ms after the session was made, before frame 0 is due (400 ms): no
+    silence is put before it, so frame i carries exactly the i-th 40 ms of what was pushed, as a recording
+    compared with the sent speech assumes. A worker's chunk grid puts up to one chunk of silence first."""
+    audio = _loud_audio(2.0)
+    s, frames, _ = asyncio.run(_run_session(FakeEngine({0: 10, 1: 10}), audio, 1.2, first_audio_s=0.12))
+    assert s.audio.gap_samples == 0
+    for f in frames[:30]:
+        assert np.allclose(f.audio, audio[f.index * 640:(f.index + 1) * 640], atol=2e-3), f.index
+
+    engine = FakeEngine({0: 10, 1: 10})
+    grid0 = time.monotonic() - 0.05
+    engine.aligned_start = lambda t: grid0 + (t - grid0) // 0.16 * 0.16
+    s, frames, _ = asyncio.run(_run_session(engine, audio, 1.2, first_audio_s=0.12))
+    gap = int(s.audio.gap_samples)
+    assert 0 <= gap < 0.16 * 16000
+    assert (s.t0 - grid0) / 0.16 == pytest.approx(round((s.t0 - grid0) / 0.16), abs=1e-6)  # on the grid
+    for f in frames[5:30]:
+        assert np.allclose(f.audio, audio[f.index * 640 - gap:(f.index + 1) * 640 - gap], atol=2e-3), f.index
+
+
+def test_session_without_audio_before_frame_0_keeps_its_start_and_fills_the_wait_with_silence():
+    """A mic that starts after frame 0 went out (600 ms > the 400 ms playout delay): frames flowed from the
+    session's start, and the wait before the first audio is silence on the input timeline."""
+    audio = _loud_audio(1.5)
+    s, frames, _ = asyncio.run(_run_session(FakeEngine({0: 10, 1: 10}), audio, 1.6, first_audio_s=0.6))
+    gap = int(s.audio.gap_samples)
+    assert gap >= 0.4 * 16000  # at least the playout delay passed before any audio
+    assert [f.index for f in frames] == list(range(len(frames)))
+    for f in frames:
+        src = f.index * 640 - gap
+        if src >= 0 and src + 640 <= len(audio):
+            assert np.allclose(f.audio, audio[src:src + 640], atol=2e-3), f.index
 
 
 def test_session_frames_carry_their_own_audio_and_every_chunk_is_reported():
