@@ -437,7 +437,8 @@ def dit_latents(model, b, t_max=0.3, guidance=DEFAULT_GUIDANCE):
 
 
 def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, generated=0.5, t_max=0.3, max_clips=None,
-                  fine=0, blink_share=0.0, fine_window=None, portrait_share=0.0, widths=None):
+                  fine=0, blink_share=0.0, fine_window=None, portrait_share=0.0, widths=None,
+                  fine_blocks=0):
     """Stage `decoder`: retrain the reference-conditioned decoder (flow warp + delta) and the reference
     encoder with the frame encoder frozen, so the latent space, and with it the DiT, its SyncCache
     calibration and schedules, stays as shipped in `init`.
@@ -451,7 +452,8 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     that stage covers (AEConfig.fine_window); portrait_share: the fraction of chunks that are faces the corpus
     never shows (PortraitSampler), decoded from their encoder latents. widths: a decoder of other widths
     (AEConfig.decoder_widths, e.g. a cheaper one for slow CPUs) that starts from scratch beside init's reference
-    encoder.
+    encoder. fine_blocks: deepen the 128-px stage to this many residual blocks after its first (AEConfig.fine_blocks;
+    the added ones start as the identity, so the decoder starts where init's was).
     """
     from engine.model.autoencoder import AEConfig
     from engine.model.avatar import load_model
@@ -460,7 +462,8 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     shipped = load_model(init)
     widths = tuple(widths) if widths else shipped.ae.cfg.decoder_widths
     ae_cfg = AEConfig(**{**shipped.ae.cfg.__dict__, "flow": True, "fine": shipped.ae.cfg.fine or fine,
-                         "fine_window": fine_window or shipped.ae.cfg.fine_window, "decoder_widths": widths})
+                         "fine_window": fine_window or shipped.ae.cfg.fine_window, "decoder_widths": widths,
+                         "fine_blocks": max(fine_blocks, shipped.ae.cfg.fine_blocks)})
     model = AvatarModel(shipped.cfg, ae_cfg)
     state, new = shipped.state_dict(), ("ae.decoder.flow.", "ae.decoder.fine")
     if widths != shipped.ae.cfg.decoder_widths:  # a decoder of other widths starts from scratch

@@ -126,7 +126,8 @@ def cmd_train(a):
                                 generated=a.decoder_generated, t_max=a.decoder_tmax, fine=a.decoder_fine,
                                 blink_share=a.decoder_blinks, portrait_share=a.decoder_portraits,
                                 fine_window=tuple(int(v) for v in a.decoder_window.split(",")) if a.decoder_window else None,
-                                widths=tuple(int(v) for v in a.decoder_widths.split(",")) if a.decoder_widths else None, batch=a.decoder_batch)
+                                widths=tuple(int(v) for v in a.decoder_widths.split(",")) if a.decoder_widths else None, batch=a.decoder_batch,
+                                fine_blocks=a.decoder_fine_blocks)
         elif stage == "export":
             train.export(a.out, Path(a.out) / "avatar.safetensors", preset=a.preset)
     plot = train.plot_losses(a.out)
@@ -456,6 +457,9 @@ def build_parser():
     t.add_argument("--decoder-tmax", type=float, default=0.3, help="highest noise level of those predictions")
     t.add_argument("--decoder-fine", type=int, default=0,
                    help="add a 128-px refinement stage of this width to the decoder (0: none)")
+    t.add_argument("--decoder-fine-blocks", type=int, default=0,
+                   help="deepen the 128-px stage to this many residual blocks after its first (added ones start "
+                        "as the identity)")
     t.add_argument("--decoder-blinks", type=float, default=0.0,
                    help="fraction of decoder training chunks that hold a closed-eye frame")
     t.add_argument("--decoder-window", default="",

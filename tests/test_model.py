@@ -122,6 +122,31 @@ def test_windowed_fine_stage_changes_only_its_window_and_fades_in():
         FrameAutoencoder(AEConfig(flow=True, fine=16, fine_window=(24, 97, 28, 100)))
 
 
+def test_deeper_fine_stage_loads_a_shallower_decoder_and_starts_where_it_was():
+    """AEConfig.fine_blocks: blocks added to a trained 128-px stage are missing keys only and change no frame
+    until trained; a trained block changes the window, and only the window."""
+    torch.manual_seed(0)
+    win = (24, 96, 28, 100)
+    base = FrameAutoencoder(AEConfig(flow=True, fine=16, fine_window=win)).eval()
+    with torch.no_grad():
+        base.decoder.head.weight.normal_(0, 0.05)
+        base.decoder.fine_out.weight.normal_(0, 0.05)
+    deep = FrameAutoencoder(AEConfig(flow=True, fine=16, fine_window=win, fine_blocks=2)).eval()
+    missing, unexpected = deep.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("decoder.fine_blocks.") for k in missing)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        z = base.encode(x)
+        a = base.decode(z, base.reference(x[:1]))
+        assert torch.equal(a, deep.decode(z, deep.reference(x[:1])))
+        deep.decoder.fine_blocks[1].conv2.weight.normal_(0, 0.05)
+        b = deep.decode(z, deep.reference(x[:1]))
+    inside = torch.zeros(128, 128, dtype=torch.bool)
+    inside[win[0]:win[1], win[2]:win[3]] = True
+    assert (b - a)[..., inside].abs().mean() > 1e-3
+    assert torch.equal(b[..., ~inside], a[..., ~inside])
+
+
 def test_dit_shapes_and_patches():
     dit = AvatarDiT(CFG).eval()
     x = torch.randn(2, CFG.frames, CFG.latent_channels, CFG.latent_size, CFG.latent_size)

@@ -24,6 +24,7 @@ class AEConfig:
     # rows r0:r1, columns c0:c1 the refinement stage covers (None: the whole frame). An aligned portrait
     # has its eyes and mouth in the middle; a window there costs a third of the whole frame
     fine_window: tuple | None = None
+    fine_blocks: int = 0  # residual blocks after that stage's first (each the identity when added: zero last conv)
 
 
 TAPER = 6.0  # px over which the windowed refinement fades in from the window's edge
@@ -31,6 +32,22 @@ TAPER = 6.0  # px over which the windowed refinement fades in from the window's 
 
 def _norm(c):
     return nn.GroupNorm(8, c)
+
+
+class FineBlock(nn.Module):
+    """x + conv(SiLU(GroupNorm(conv(x)))), the last conv zero at init: added to a trained decoder it changes
+    nothing until it is trained."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = _norm(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x):
+        return x + self.conv2(F.silu(self.norm(self.conv1(x))))
 
 
 class ResBlock(nn.Module):
@@ -145,7 +162,7 @@ class RefDecoder(nn.Module):
     128 px sees the finest reference features warped by that flow and corrects flow and delta there (thin
     lids, lip lines and teeth lost at 64 px); it also starts at zero. With `fine_window` that stage runs on
     a window only (the eyes and mouth of an aligned portrait), its corrections tapered to zero at the
-    window's edge so that no seam shows.
+    window's edge so that no seam shows; `fine_blocks` deepen it (each starts as the identity).
     (A learned alpha blend with the reference was tried first: its sigmoid saturated at "copy the
     reference" and no gradient reached the latent any more.)
     """
@@ -175,6 +192,7 @@ class RefDecoder(nn.Module):
             # at 128 px: the upsampled features, the warped finest reference features and reference image,
             # and the coarse delta -> a flow correction and a delta correction (zero at init)
             self.fine = ResBlock(d[1] + w[0] + 3 + 3, cfg.fine)
+            self.fine_blocks = nn.ModuleList(FineBlock(cfg.fine) for _ in range(cfg.fine_blocks))
             self.fine_out = nn.Conv2d(cfg.fine, 2 + 3, 3, padding=1)
             nn.init.zeros_(self.fine_out.weight)
             nn.init.zeros_(self.fine_out.bias)
@@ -212,6 +230,8 @@ class RefDecoder(nn.Module):
         f, d = flow[..., r0:r1, c0:c1], delta[..., r0:r1, c0:c1]
         g = self.fine.forward_up(h[..., r0 // 2:r1 // 2, c0 // 2:c1 // 2],  # 2x upsampled, like the rest
                                  torch.cat([warp(ref_feats[0], f, win), warp(ref_image, f, win), d], 1))
+        for block in self.fine_blocks:
+            g = block(g)
         correction = self.fine_out(g) * self.fine_taper.to(g.dtype)
         inner = warp(ref_image, f + correction[:, :2], win) + d + correction[:, 2:]
         if inner.shape[-2:] == delta.shape[-2:]:
