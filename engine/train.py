@@ -438,7 +438,7 @@ def dit_latents(model, b, t_max=0.3, guidance=DEFAULT_GUIDANCE):
 
 def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, generated=0.5, t_max=0.3, max_clips=None,
                   fine=0, blink_share=0.0, fine_window=None, portrait_share=0.0, widths=None,
-                  fine_blocks=0):
+                  fine_blocks=0, image_warp=None):
     """Stage `decoder`: retrain the reference-conditioned decoder (flow warp + delta) and the reference
     encoder with the frame encoder frozen, so the latent space, and with it the DiT, its SyncCache
     calibration and schedules, stays as shipped in `init`.
@@ -453,7 +453,8 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     never shows (PortraitSampler), decoded from their encoder latents. widths: a decoder of other widths
     (AEConfig.decoder_widths, e.g. a cheaper one for slow CPUs) that starts from scratch beside init's reference
     encoder. fine_blocks: deepen the 128-px stage to this many residual blocks after its first (AEConfig.fine_blocks;
-    the added ones start as the identity, so the decoder starts where init's was).
+    the added ones start as the identity, so the decoder starts where init's was). image_warp: how the flow
+    resamples the reference image (AEConfig.image_warp; None: init's).
     """
     from engine.model.autoencoder import AEConfig
     from engine.model.avatar import load_model
@@ -463,7 +464,8 @@ def train_decoder(corpus, run_dir, init, steps=1000, batch=4, lr=3e-4, seed=0, g
     widths = tuple(widths) if widths else shipped.ae.cfg.decoder_widths
     ae_cfg = AEConfig(**{**shipped.ae.cfg.__dict__, "flow": True, "fine": shipped.ae.cfg.fine or fine,
                          "fine_window": fine_window or shipped.ae.cfg.fine_window, "decoder_widths": widths,
-                         "fine_blocks": max(fine_blocks, shipped.ae.cfg.fine_blocks)})
+                         "fine_blocks": max(fine_blocks, shipped.ae.cfg.fine_blocks),
+                         "image_warp": image_warp or shipped.ae.cfg.image_warp})
     model = AvatarModel(shipped.cfg, ae_cfg)
     state, new = shipped.state_dict(), ("ae.decoder.flow.", "ae.decoder.fine")
     if widths != shipped.ae.cfg.decoder_widths:  # a decoder of other widths starts from scratch

@@ -127,7 +127,7 @@ def cmd_train(a):
                                 blink_share=a.decoder_blinks, portrait_share=a.decoder_portraits,
                                 fine_window=tuple(int(v) for v in a.decoder_window.split(",")) if a.decoder_window else None,
                                 widths=tuple(int(v) for v in a.decoder_widths.split(",")) if a.decoder_widths else None, batch=a.decoder_batch,
-                                fine_blocks=a.decoder_fine_blocks)
+                                fine_blocks=a.decoder_fine_blocks, image_warp=a.decoder_image_warp)
         elif stage == "export":
             train.export(a.out, Path(a.out) / "avatar.safetensors", preset=a.preset)
     plot = train.plot_losses(a.out)
@@ -460,6 +460,8 @@ def build_parser():
     t.add_argument("--decoder-fine-blocks", type=int, default=0,
                    help="deepen the 128-px stage to this many residual blocks after its first (added ones start "
                         "as the identity)")
+    t.add_argument("--decoder-image-warp", choices=["bilinear", "bicubic"], default=None,
+                   help="how the decoder's flow resamples the reference image (default: --init's)")
     t.add_argument("--decoder-blinks", type=float, default=0.0,
                    help="fraction of decoder training chunks that hold a closed-eye frame")
     t.add_argument("--decoder-window", default="",

@@ -147,6 +147,26 @@ def test_deeper_fine_stage_loads_a_shallower_decoder_and_starts_where_it_was():
     assert torch.equal(b[..., ~inside], a[..., ~inside])
 
 
+def test_image_warp_bicubic_resamples_the_reference_and_keeps_it_where_the_flow_is_zero():
+    """AEConfig.image_warp: a bicubic warp of the reference image returns it unchanged where the flow is zero (the
+    same frame as bilinear) and draws it differently at a sub-pixel shift; anything else is refused."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    outs = {}
+    for mode in ("bilinear", "bicubic"):
+        torch.manual_seed(1)
+        ae = FrameAutoencoder(AEConfig(flow=True, image_warp=mode)).eval()
+        with torch.no_grad():
+            z = ae.encode(x)
+            zero = ae.decode(z, ae.reference(x[:1]))
+            ae.decoder.flow[0].bias.fill_(0.5 / 64)  # a quarter-pixel shift at 128 px
+            outs[mode] = zero, ae.decode(z, ae.reference(x[:1]))
+    assert torch.allclose(outs["bilinear"][0], outs["bicubic"][0], atol=1e-5)
+    assert (outs["bilinear"][1] - outs["bicubic"][1]).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="image_warp"):
+        FrameAutoencoder(AEConfig(flow=True, image_warp="nearest"))
+
+
 def test_dit_shapes_and_patches():
     dit = AvatarDiT(CFG).eval()
     x = torch.randn(2, CFG.frames, CFG.latent_channels, CFG.latent_size, CFG.latent_size)

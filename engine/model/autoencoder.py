@@ -24,6 +24,7 @@ class AEConfig:
     # rows r0:r1, columns c0:c1 the refinement stage covers (None: the whole frame). An aligned portrait
     # has its eyes and mouth in the middle; a window there costs a third of the whole frame
     fine_window: tuple | None = None
+    image_warp: str = "bilinear"  # how the flow resamples the reference image: bilinear | bicubic (sharper lines)
     fine_blocks: int = 0  # residual blocks after that stage's first (each the identity when added: zero last conv)
 
 
@@ -130,7 +131,7 @@ class Encoder(nn.Module):
         return self.out(self.features(x)[-1])
 
 
-def warp(x, flow, window=None):
+def warp(x, flow, window=None, mode="bilinear"):
     """Sample x [B,C,H,W] at grid + flow; flow [B,2,H,W] in normalised coordinates ([-1, 1] spans the image).
 
     window=(r0, r1, c0, c1): flow covers only those rows and columns of the grid, and so does the output.
@@ -141,7 +142,7 @@ def warp(x, flow, window=None):
     xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)[c0:c1]
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # [h, w, 2] as (x, y)
     grid = grid + flow.permute(0, 2, 3, 1).to(x.dtype)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
 def _resize(flow, size):
@@ -173,6 +174,9 @@ class RefDecoder(nn.Module):
         if len(d) != len(w):
             raise ValueError(f"decoder_widths {d}: one width per scale of widths {w}")
         self.use_flow = cfg.flow
+        if cfg.image_warp not in ("bilinear", "bicubic"):
+            raise ValueError(f"image_warp {cfg.image_warp!r}: bilinear or bicubic")
+        self.image_warp = cfg.image_warp
         self.inp = nn.Conv2d(cfg.latent_channels + w[-1], d[-1], 3, padding=1)
         self.mid = ResBlock(d[-1], d[-1])
         # up i: from the scale of d[i+1] to the scale of d[i] (16, 32, 64 px), fused with reference features
@@ -225,18 +229,18 @@ class RefDecoder(nn.Module):
             return ref_image + delta
         flow = _resize(flow, ref_image.shape[-1])
         if self.fine is None:
-            return warp(ref_image, flow) + delta
+            return warp(ref_image, flow, mode=self.image_warp) + delta
         r0, r1, c0, c1 = win = self.fine_window
         f, d = flow[..., r0:r1, c0:c1], delta[..., r0:r1, c0:c1]
         g = self.fine.forward_up(h[..., r0 // 2:r1 // 2, c0 // 2:c1 // 2],  # 2x upsampled, like the rest
-                                 torch.cat([warp(ref_feats[0], f, win), warp(ref_image, f, win), d], 1))
+                                 torch.cat([warp(ref_feats[0], f, win), warp(ref_image, f, win, self.image_warp), d], 1))
         for block in self.fine_blocks:
             g = block(g)
         correction = self.fine_out(g) * self.fine_taper.to(g.dtype)
-        inner = warp(ref_image, f + correction[:, :2], win) + d + correction[:, 2:]
+        inner = warp(ref_image, f + correction[:, :2], win, self.image_warp) + d + correction[:, 2:]
         if inner.shape[-2:] == delta.shape[-2:]:
             return inner  # the window is the whole frame
-        out = warp(ref_image, flow) + delta
+        out = warp(ref_image, flow, mode=self.image_warp) + delta
         out[..., r0:r1, c0:c1] = inner
         return out
 
