@@ -145,6 +145,8 @@ def test_deeper_fine_stage_loads_a_shallower_decoder_and_starts_where_it_was():
     inside[win[0]:win[1], win[2]:win[3]] = True
     assert (b - a)[..., inside].abs().mean() > 1e-3
     assert torch.equal(b[..., ~inside], a[..., ~inside])
+    with pytest.raises(ValueError, match="fine_blocks"):
+        FrameAutoencoder(AEConfig(flow=True, fine_blocks=2))
 
 
 def test_image_warp_bicubic_resamples_the_reference_and_keeps_it_where_the_flow_is_zero():

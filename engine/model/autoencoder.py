@@ -177,6 +177,8 @@ class RefDecoder(nn.Module):
         if cfg.image_warp not in ("bilinear", "bicubic"):
             raise ValueError(f"image_warp {cfg.image_warp!r}: bilinear or bicubic")
         self.image_warp = cfg.image_warp
+        if cfg.fine_blocks and not cfg.fine:
+            raise ValueError(f"fine_blocks {cfg.fine_blocks} deepen the 128-px stage: set fine (its width) too")
         self.inp = nn.Conv2d(cfg.latent_channels + w[-1], d[-1], 3, padding=1)
         self.mid = ResBlock(d[-1], d[-1])
         # up i: from the scale of d[i+1] to the scale of d[i] (16, 32, 64 px), fused with reference features
