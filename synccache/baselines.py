@@ -72,7 +72,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from synccache.layout import BlockLayout, LayoutError
+from synccache.layout import BlockLayout, LayoutError, hidden_state
+from synccache.probe import rel_l1
 from synccache.wrap import detach, wrap_forward
 
 METHODS = ("fora", "teacache", "fbcache", "magcache", "deepcache")
@@ -120,12 +121,6 @@ def nearest_interp(values, length: int) -> list:
         return [values[-1]]
     scale = (len(values) - 1) / (length - 1)
     return [values[_round(k * scale)] for k in range(length)]
-
-
-def _rel_l1(cur: torch.Tensor, prev: torch.Tensor) -> float:
-    """mean|cur - prev| / mean|prev|, in float32."""
-    cur, prev = cur.float(), prev.float()
-    return float((cur - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
 
 
 def _poly(coefficients, x: float) -> float:
@@ -269,13 +264,6 @@ class BaselineConfig:
 
 
 # --- duck typing on DiT blocks ---------------------------------------------------------------------
-def _hidden(i, args, kwargs):
-    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-    if not isinstance(x, torch.Tensor):
-        raise LayoutError(f"heavy block {i} was not given a hidden-state tensor as its first argument")
-    return x
-
-
 def _cond_vec(i, args, kwargs):
     c = args[1] if len(args) > 1 else kwargs.get("c")
     if not isinstance(c, torch.Tensor):
@@ -432,7 +420,7 @@ class BaselineHandle:
         if forced or st.prev_mod is None or st.prev_mod.shape != mod.shape:
             st.acc = 0.0
         else:
-            st.signal = _rel_l1(mod, st.prev_mod)
+            st.signal = rel_l1(mod, st.prev_mod)
             st.acc += max(0.0, _poly(self.coefficients, st.signal))
             if st.acc < cfg.threshold and st.valid and self._fits(x):
                 reuse = True
@@ -449,7 +437,7 @@ class BaselineHandle:
         r0 = (out - x).detach()
         reuse = False
         if st.head_res is not None and st.head_res.shape == r0.shape and st.valid and self._fits(x):
-            st.signal = _rel_l1(r0, st.head_res)
+            st.signal = rel_l1(r0, st.head_res)
             reuse = st.signal < self.config.threshold
         if reuse:
             st.mode = REUSE
@@ -466,7 +454,7 @@ class BaselineHandle:
         st = self.state
         if not st.in_step:
             return forward(*args, **kwargs)
-        x = _hidden(i, args, kwargs)
+        x = hidden_state(i, args, kwargs)
         if i == 0:
             if self.method == "teacache":
                 self._teacache(x, args, kwargs)
@@ -641,7 +629,7 @@ class _Recorder:
     def _heavy(self, i, forward, args, kwargs):
         if self.step < 0:
             return forward(*args, **kwargs)
-        x = _hidden(i, args, kwargs)
+        x = hidden_state(i, args, kwargs)
         if i == 0:
             self.cur["x0"] = x.detach()
             if self.teacache_why is None:
@@ -671,8 +659,8 @@ class _Recorder:
             raise LayoutError("a model forward ran without its heavy blocks; is the layout the model's?")
         if self.out is not None and self.out.shape == out.shape and self.res.shape == res.shape:
             if mod is not None:
-                self.tea_x[-1].append(_rel_l1(mod, self.mod))
-                self.tea_y[-1].append(_rel_l1(out, self.out))
+                self.tea_x[-1].append(rel_l1(mod, self.mod))
+                self.tea_y[-1].append(rel_l1(out, self.out))
             ratio = res.float().norm(dim=-1) / self.res.float().norm(dim=-1).clamp_min(1e-12)
             self.mag[-1].append(float(ratio.mean()))
             self.mag_std[-1].append(float(ratio.std()) if ratio.numel() > 1 else 0.0)

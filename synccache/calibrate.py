@@ -37,22 +37,9 @@ import math
 import torch
 import torch.nn as nn
 
-from synccache.hooks import _hidden
-from synccache.layout import BlockLayout, LayoutError
+from synccache.layout import BlockLayout, LayoutError, hidden_state
+from synccache.probe import output_rel_l1
 from synccache.wrap import unwrap, wrap_forward
-
-
-def rel_l1(cur: torch.Tensor, ref: torch.Tensor) -> float:
-    """mean |cur - ref| / mean |ref|."""
-    return float((cur - ref).abs().float().mean() / ref.abs().float().mean().clamp_min(1e-12))
-
-
-def output_rel_l1(cur: torch.Tensor, ref: torch.Tensor, weight=None) -> float:
-    """sum(w |cur - ref|) / sum(w |ref|), w broadcast to the tensors; weight None: rel_l1 exactly."""
-    if weight is None:
-        return rel_l1(cur, ref)
-    w = weight.to(cur.device, torch.float32)
-    return float((w * (cur - ref).abs().float()).sum() / (w * ref.abs().float()).sum().clamp_min(1e-12))
 
 
 class _Track:
@@ -100,7 +87,7 @@ class SpanErrorRecorder:
     def _heavy(self, i, forward, args, kwargs):
         s = self._span_of[i]
         first, last = self.spans[s]
-        x = _hidden(i, args, kwargs)
+        x = hidden_state(i, args, kwargs)
         if self._bypass == s:
             return x + self._bypass_res if i == first else x
         tr = self._track

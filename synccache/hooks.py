@@ -42,20 +42,12 @@ import torch
 import torch.nn as nn
 
 from synccache.config import SyncCacheConfig
-from synccache.layout import BlockLayout, LayoutError
+from synccache.layout import BlockLayout, LayoutError, hidden_state
 from synccache.probe import weighted_rel_l1
 from synccache.schedule import ScheduleError
 from synccache.wrap import detach, wrap_forward
 
 COMPUTE, REUSE, CROSS = "compute", "reuse", "cross"
-
-
-def _hidden(i, args, kwargs):
-    """The hidden-state tensor a heavy block was called with."""
-    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-    if not isinstance(x, torch.Tensor):
-        raise LayoutError(f"heavy block {i} was not given a hidden-state tensor as its first argument")
-    return x
 
 
 class _State:
@@ -224,7 +216,7 @@ class SyncCacheHandle:
         st, cfg = self.state, self.config
         if not (st.in_step and cfg.enabled):
             return forward(*args, **kwargs)
-        x = _hidden(i, args, kwargs)
+        x = hidden_state(i, args, kwargs)
         if st.active is None:
             self._resolve_active(x)
         s = self._block_span.get(i)

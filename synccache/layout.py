@@ -31,6 +31,14 @@ class LayoutError(ValueError):
     """A BlockLayout that does not describe the model consistently."""
 
 
+def hidden_state(i, args, kwargs) -> torch.Tensor:
+    """The hidden-state tensor heavy block i was called with: its first argument, or hidden_states= / x=."""
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    if not isinstance(x, torch.Tensor):
+        raise LayoutError(f"heavy block {i} was not given a hidden-state tensor as its first argument")
+    return x
+
+
 @dataclass
 class BlockLayout:
     """Roles of a model's blocks, in execution order.

@@ -1,4 +1,5 @@
-"""The probe's distance: relative L1 change with per-token weights emphasising the human region."""
+"""SyncCache's distances: relative L1 change, plain, weighted per token (the online probe) or weighted per
+element (calibration's output error). Peers and calibration use the same ones."""
 from typing import Optional
 
 import torch
@@ -12,3 +13,17 @@ def weighted_rel_l1(cur: torch.Tensor, ref: torch.Tensor, weight: Optional[torch
         w = weight.to(diff.device, torch.float32)
         diff, base = diff * w, base * w
     return float(diff.sum() / base.sum().clamp_min(1e-12))
+
+
+def rel_l1(cur: torch.Tensor, ref: torch.Tensor) -> float:
+    """mean |cur - ref| / mean |ref|, in float32."""
+    cur, ref = cur.float(), ref.float()
+    return float((cur - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
+
+
+def output_rel_l1(cur: torch.Tensor, ref: torch.Tensor, weight=None) -> float:
+    """sum(w |cur - ref|) / sum(w |ref|), w broadcast to the tensors; weight None: rel_l1 exactly."""
+    if weight is None:
+        return rel_l1(cur, ref)
+    w = weight.to(cur.device, torch.float32)
+    return float((w * (cur - ref).abs().float()).sum() / (w * ref.abs().float()).sum().clamp_min(1e-12))

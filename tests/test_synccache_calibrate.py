@@ -13,7 +13,8 @@ from engine.model.dit import FACE_WEIGHT, MOUTH_WEIGHT, OUTPUT_WEIGHT_NAME, PRES
 from engine.sampler import timesteps
 from synccache import (BlockLayout, LayoutError, Schedule, ScheduleError, SyncCacheConfig, apply_synccache,
                        reference_layout)
-from synccache.calibrate import SpanErrorRecorder, output_rel_l1, rel_l1
+from synccache.calibrate import SpanErrorRecorder
+from synccache.probe import output_rel_l1, rel_l1
 
 from dit_inputs import random_setup
 
