@@ -151,7 +151,7 @@ class ChunkRecord:
     chunk: int
     kind: str  # speech, idle, skipped, late, missing, error
     level: int | None = None
-    reason: str | None = None  # why a chunk is late (input) or missing
+    reason: str | None = None  # why a chunk is late (input) or missing, or why its record lacks its timings
     capture_ms: float | None = None  # its first input sample arrived (session clock)
     ready_ms: float | None = None  # formed: its audio with look-ahead complete
     deadline_ms: float | None = None  # its first frame is due

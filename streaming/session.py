@@ -30,6 +30,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,6 +45,10 @@ from streaming.worker import GenerationWorker, Job
 from streaming.policy import FRAME_S, Backpressure, Chunker, ChunkRecord, Decision, frame_kind
 from streaming.procstats import ProcessStats
 from streaming.telemetry import Telemetry
+
+# the most chunk records that wait behind one whose generation has not ended (4 chunks of 160 ms a second):
+# a worker that never answers for a chunk delays the session's telemetry by at most this many, not forever
+MAX_HELD_CHUNKS = 25
 
 
 @dataclass
@@ -116,9 +121,12 @@ class Session:
         self._lock = threading.Lock()  # ready frames and chunk records are written by the worker thread
         self.ready: dict[int, np.ndarray] = {}  # frame index -> rgb
         self.chunks: dict[int, ChunkRecord] = {}  # chunk -> telemetry record, until its last frame went out
+        self.generating: dict[int, ChunkRecord] = {}  # chunk -> its record, from submission until the worker is done
+        # records whose last frame went out, published in chunk order once the chunk's generation has ended
+        # (a chunk still generating holds the records after it back, so that its own carries its timings)
+        self._outbox: deque[ChunkRecord] = deque()
         self.next_chunk = 0  # next chunk to form
         self.play_index = 0  # next frame to go out
-        self.in_flight = 0  # this session's chunks queued or generating
         self.idle_motion = None  # after idle chunks: the next generated chunk continues from idle frames
         self.arrivals: list[tuple[int, float]] = []  # (input end sample, clock time of its arrival)
         self.counts = {"frames_out": 0, "late_frames": 0, "idle_frames": 0, "speech_frames": 0,
@@ -131,6 +139,11 @@ class Session:
         self.idle = engine.ready_idle_loop(self.avatar)
         self.publish("session", event="start", avatar=self.avatar, playout_delay_ms=live.playout_delay_ms,
                      cache=engine.level_names[0])
+
+    @property
+    def in_flight(self) -> int:
+        """This session's chunks queued or generating."""
+        return len(self.generating)
 
     @property
     def level(self) -> int:
@@ -214,8 +227,7 @@ class Session:
             start, stop = ch.window(c)  # the look-ahead not yet arrived is zeros
             window = self.audio.window(start, stop)
             with self._lock:
-                self.chunks[c] = rec  # before submitting: the worker may finish it at once
-                self.in_flight += 1
+                self.chunks[c] = self.generating[c] = rec  # before submitting: the worker may finish it at once
             idle_motion, self.idle_motion = self.idle_motion, None
             self.engine.submit(Job(self.id, self.avatar, window, level, idle_motion,
                                    lambda frames, info, c=c: self._done(c, frames, info),
@@ -234,7 +246,7 @@ class Session:
     def _first(self, c, frames, ready):
         """Worker thread: chunk c's first frame is decoded (monotonic time `ready`); the rest follow."""
         with self._lock:
-            rec = self.chunks.get(c)
+            rec = self.generating.get(c)
             if rec is not None:
                 rec.first_ready_ms = round(self.clock_ms(ready), 1)
             self._put(c, 0, frames)
@@ -252,8 +264,7 @@ class Session:
     def _done(self, c, frames, info):
         """Worker thread: chunk c finished (frames None on error; else from info["first"] on)."""
         with self._lock:
-            self.in_flight -= 1
-            rec = self.chunks.get(c)
+            rec = self.generating.pop(c, None)
             if frames is None:
                 self.counts["errors"] += 1
                 if rec is not None:
@@ -270,6 +281,7 @@ class Session:
                 self._put(c, info.get("first", 0), frames)
         if self._loop is not None and not self.closed:  # room in the queue: form waiting chunks
             self._loop.call_soon_threadsafe(self._form_chunks)
+            self._loop.call_soon_threadsafe(self._publish_chunks)  # its record may be waiting for its timings
 
     # ------------------------------------------------------------------------------ frames out
     async def frames(self):
@@ -343,7 +355,24 @@ class Session:
             rec.ready_frames = len(self.ready)
         if rec.jobs_queued is None:
             rec.jobs_queued = self.engine.pending
-        self.publish("chunk", **rec.message())
+        with self._lock:
+            self._outbox.append(rec)
+        self._publish_chunks()
+
+    def _publish_chunks(self, everything: bool = False):
+        """Publish the records whose last frame went out, in chunk order, each once its chunk's generation has
+        ended (everything: all of them now, as they are, when the session ends). A chunk whose generation never
+        ends (a worker that lost it) holds the others back for at most MAX_HELD_CHUNKS chunks."""
+        while True:
+            with self._lock:
+                if not self._outbox or (not everything and self._outbox[0].chunk in self.generating
+                                        and len(self._outbox) <= MAX_HELD_CHUNKS):
+                    return
+                rec = self._outbox.popleft()
+                if rec.chunk in self.generating:
+                    rec.reason = rec.reason or ("the session ended during its generation" if everything
+                                                else f"its generation outlasted {MAX_HELD_CHUNKS} later chunks")
+            self.publish("chunk", **rec.message())
 
     def _second(self, now):
         s = self._sec
@@ -369,4 +398,5 @@ class Session:
         if not self.closed:
             self.closed = True
             self.engine.end_session(self.id)
+            self._publish_chunks(everything=True)
             self.publish("session", event="end", **self.stats())

@@ -259,6 +259,64 @@ def test_a_chunks_first_frame_sent_early_and_the_rest_land_in_place():
     assert all(m["decode_ms"] == 30.0 for m in recs)
 
 
+class SlowTailEngine(FakeEngine):
+    """FakeEngine whose chunks send their first frame in time and finish 450 ms later, after their last
+    frame went out (a worker whose decoding fell behind, as on a loaded CPU)."""
+
+    def submit(self, job):
+        self.pending += 1
+        self.jobs.append(job)
+
+        def run():
+            frames = np.full((4, 128, 128, 3), 200, np.uint8)
+            start = time.monotonic()
+            time.sleep(0.01)
+            job.early(frames[:1], time.monotonic())
+            time.sleep(0.45)
+            self.pending -= 1
+            job.done(frames[1:], {"gen_start": start, "gen_end": time.monotonic(), "computed_steps": 10,
+                                  "reused_steps": 0, "level": job.level, "first": 1, "decode_ms": 30.0})
+        threading.Thread(target=run, daemon=True).start()
+
+
+def test_a_chunk_still_generating_when_its_last_frame_goes_out_is_reported_with_its_timings_in_order():
+    """Its telemetry waits for the chunk's end (later chunks' records queue behind it), so every generated
+    chunk's record carries gen_start_ms .. reused_steps, and the records still come one per chunk, in order."""
+    s, frames, msgs = asyncio.run(_run_session(SlowTailEngine({0: 10, 1: 10}), _loud_audio(3.0), 2.4))
+    chunks = [m for m in msgs if m["type"] == "chunk"]
+    assert [m["chunk"] for m in chunks] == list(range(len(frames) // 4))
+    tails = [m for m in chunks if m["kind"] == "speech" and m.get("late_frames") == 3]
+    assert tails  # the case at hand: first frame shown, the other three after their time
+    ended = [m for m in chunks if m.get("reason") == "the session ended during its generation"]
+    assert len(ended) <= 3 and all(m["chunk"] > chunks[-1]["chunk"] - 4 for m in ended)  # only the last ones
+    for m in [m for m in chunks if m["kind"] in ("speech", "late") and m not in ended]:
+        for k in ("gen_start_ms", "first_ready_ms", "gen_end_ms", "gen_ms", "computed_steps", "reused_steps"):
+            assert k in m, (m["chunk"], k)
+        assert m["gen_end_ms"] > m["send_ms"] + 3 * 40 - 1  # it did end after its last frame went out
+
+
+class LosesChunkEngine(FakeEngine):
+    """FakeEngine that never answers for chunk 2 (a worker that lost it); the others come back at once."""
+
+    def submit(self, job):
+        if len(self.jobs) == 2:
+            self.jobs.append(job)
+            return
+        super().submit(job)
+
+
+def test_a_chunk_the_worker_never_answers_for_holds_the_records_after_it_back_only_so_long(monkeypatch):
+    import streaming.session
+    monkeypatch.setattr(streaming.session, "MAX_HELD_CHUNKS", 3)
+    s, frames, msgs = asyncio.run(_run_session(LosesChunkEngine({0: 10, 1: 10}), _loud_audio(3.0), 2.4))
+    chunks = [m for m in msgs if m["type"] == "chunk"]
+    assert [m["chunk"] for m in chunks] == list(range(len(frames) // 4))  # every chunk, in order
+    lost = [m for m in chunks if m.get("reason") == "its generation outlasted 3 later chunks"]
+    assert len(lost) == 1 and "gen_start_ms" not in lost[0]
+    later = [m for m in chunks if m["chunk"] > lost[0]["chunk"] and m["kind"] == "speech"]
+    assert later and all("gen_start_ms" in m for m in later)
+
+
 class SimClock:
     """A session clock the test moves by hand (seconds)."""
 
