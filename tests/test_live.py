@@ -231,6 +231,8 @@ class FirstFrameEngine(FakeEngine):
     """FakeEngine that sends a chunk's first frame early (Job.early) and the other three later, as the
     worker's decode stage does; frame k of a chunk is filled with 100 + k."""
 
+    tail_s = 0.02  # from the first frame to the other three
+
     def submit(self, job):
         self.pending += 1
         self.jobs.append(job)
@@ -241,7 +243,7 @@ class FirstFrameEngine(FakeEngine):
             start = time.monotonic()
             time.sleep(0.02)
             job.early(frames[:1], time.monotonic())
-            time.sleep(0.02)
+            time.sleep(self.tail_s)
             self.pending -= 1
             job.done(frames[1:], {"gen_start": start, "gen_end": time.monotonic(), "computed_steps": 10,
                                   "reused_steps": 0, "level": job.level, "first": 1, "decode_ms": 30.0})
@@ -259,24 +261,11 @@ def test_a_chunks_first_frame_sent_early_and_the_rest_land_in_place():
     assert all(m["decode_ms"] == 30.0 for m in recs)
 
 
-class SlowTailEngine(FakeEngine):
-    """FakeEngine whose chunks send their first frame in time and finish 450 ms later, after their last
-    frame went out (a worker whose decoding fell behind, as on a loaded CPU)."""
+class SlowTailEngine(FirstFrameEngine):
+    """FirstFrameEngine whose chunks finish 450 ms after their first frame, after their last frame went out
+    (a worker whose decoding fell behind, as on a loaded CPU)."""
 
-    def submit(self, job):
-        self.pending += 1
-        self.jobs.append(job)
-
-        def run():
-            frames = np.full((4, 128, 128, 3), 200, np.uint8)
-            start = time.monotonic()
-            time.sleep(0.01)
-            job.early(frames[:1], time.monotonic())
-            time.sleep(0.45)
-            self.pending -= 1
-            job.done(frames[1:], {"gen_start": start, "gen_end": time.monotonic(), "computed_steps": 10,
-                                  "reused_steps": 0, "level": job.level, "first": 1, "decode_ms": 30.0})
-        threading.Thread(target=run, daemon=True).start()
+    tail_s = 0.45
 
 
 def test_a_chunk_still_generating_when_its_last_frame_goes_out_is_reported_with_its_timings_in_order():

@@ -36,8 +36,8 @@ from streaming.audio_in import AudioInput
 MIC_RATE, MIC_FRAME = 48000, 960  # what clients/client.py's MicTrack sends: 20 ms blocks, s16 mono
 
 
-def opus_round_trip(wav) -> np.ndarray:
-    """The speech as the server hears it: 16 kHz mono float32, through Opus as a session's mic."""
+def opus_round_trip(wav, n) -> np.ndarray:
+    """The speech as the server hears it: n samples of 16 kHz mono float32, through Opus as a session's mic."""
     pcm = (np.clip(load_audio(wav, MIC_RATE), -1, 1) * 32767).round().astype(np.int16)
     pcm = np.pad(pcm, (0, -len(pcm) % MIC_FRAME + MIC_FRAME))  # one block of silence flushes the codec
     enc, dec, heard = OpusEncoder(), OpusDecoder(), AudioInput(keep_s=len(pcm) / MIC_RATE + 10)
@@ -48,7 +48,6 @@ def opus_round_trip(wav) -> np.ndarray:
         for p in payloads:
             for f in dec.decode(JitterFrame(data=p, timestamp=ts)):
                 heard.push(f.to_ndarray().reshape(-1, len(f.layout.channels)), f.sample_rate)
-    n = round(len(load_audio(wav, SAMPLE_RATE)))
     return np.pad(heard.buf, (0, max(0, n - len(heard.buf))))[:n]
 
 
@@ -86,7 +85,7 @@ def main(wav, out, cands):
     torch.set_num_threads(1)
     cfg = load_config(DEFAULT_CONFIG)
     model, clean = load_model(cfg.path(cfg.model.weights)), load_audio(wav, SAMPLE_RATE)
-    avatar, heard = load_avatar(cfg.engine.avatar), opus_round_trip(wav)
+    avatar, heard = load_avatar(cfg.engine.avatar), opus_round_trip(wav, len(clean))
     lag, snr = opus_delay(clean, heard)
     res = {"audio": wav, "opus_delay_ms": round(lag / SAMPLE_RATE * 1000, 2), "opus_snr_db_aligned": snr,
            "candidates": {}}
